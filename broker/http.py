@@ -1,0 +1,109 @@
+"""Small request helpers shared by the API modules: auth, JSON bodies, waits, shielding."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+from aiohttp import web
+
+from broker import jsonutil
+from broker.appkeys import background_key, verifier_key
+from broker.auth import Principal, bearer_token
+from broker.errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType
+
+T = TypeVar("T")
+log = logging.getLogger(__name__)
+_PREFER_WAIT = re.compile(r"(?:^|[,;\s])wait\s*=\s*\"?([^\s,;\"]*)", re.IGNORECASE)
+
+
+def authenticate(request: web.Request) -> Principal:
+    """The verified principal of the request, or AuthError (401)."""
+    verifier = request.app[verifier_key]
+    return verifier.verify(bearer_token(request))
+
+
+async def read_json(request: web.Request, *, lenient_type: bool = False) -> Any:
+    """Parse the body as JSON.
+
+    `lenient_type`: parse whatever the Content-Type says (Oxlin's own curl example sends none,
+    so curl labels it form-urlencoded). Otherwise only JSON media types are accepted (415).
+    """
+    if (
+        not lenient_type
+        and request.content_type not in ("application/json", "")
+        and not request.content_type.endswith("+json")
+    ):
+        raise UnsupportedMediaType(
+            f"Content-Type must be application/json, got {request.content_type!r}"
+        )
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise PayloadTooLarge(
+            f"body is over the {request.app._client_max_size}-byte limit"
+        ) from None
+    if not raw.strip():
+        raise InvalidRequest("body is empty; a JSON document is required")
+    try:
+        return jsonutil.loads(raw)
+    except jsonutil.JSONDecodeError as e:
+        raise InvalidRequest(f"body is not valid JSON: {e}") from None
+
+
+def requested_wait(request: web.Request, max_wait_s: float) -> float:
+    """Seconds to hold a poll: `?wait=N` or `Prefer: wait=N` (RFC 7240), capped; 0 if none."""
+    raw = request.query.get("wait")
+    source = "wait"
+    if raw is None:
+        m = _PREFER_WAIT.search(request.headers.get("Prefer", ""))
+        if m is None:
+            return 0.0
+        raw, source = m.group(1), "Prefer: wait"
+    try:
+        wait = float(raw)
+    except ValueError:
+        raise InvalidRequest(
+            f"{source} must be a number of seconds, got {raw!r}", path="wait"
+        ) from None
+    if not wait >= 0:  # also rejects NaN
+        raise InvalidRequest(f"{source} must be >= 0, got {raw!r}", path="wait")
+    return min(wait, max_wait_s)
+
+
+async def finish(
+    request: web.Request,
+    factory: Callable[[], Coroutine[Any, Any, T]],
+    on_abandon: Callable[[T], Coroutine[Any, Any, Any]] | None = None,
+) -> T:
+    """Run a Redis step that must complete even if the client goes away meanwhile.
+
+    aiohttp cancels the handler when its client disconnects (handler_cancellation); a cancel
+    landing inside a script call would leave us not knowing whether it ran. The step runs in
+    a shielded task; if the handler is cancelled, the task still completes and `on_abandon`
+    gets its result (e.g. to hand consumed events back).
+    """
+    task = asyncio.ensure_future(factory())
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        if on_abandon is not None:
+            tasks = request.app[background_key]
+
+            def _after(t: asyncio.Future[T]) -> None:
+                if t.cancelled() or t.exception() is not None:
+                    return
+                follow = asyncio.ensure_future(on_abandon(t.result()))
+                tasks.add(follow)
+                follow.add_done_callback(tasks.discard)
+
+            task.add_done_callback(_after)
+        raise
+
+
+def client_gone(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()

@@ -1,0 +1,32 @@
+"""Counters for operators, served in Prometheus text format at /metrics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+
+@dataclass
+class Metrics:
+    """Process-local counters (each worker process reports its own)."""
+
+    events_published_total: int = 0
+    queue_polls_total: int = 0
+    queue_events_delivered_total: int = 0
+    queue_events_dropped_total: int = 0
+    queue_rewinds_total: int = 0
+    sets_published_total: int = 0
+    sets_delivered_total: int = 0
+    sets_acked_total: int = 0
+    sets_nacked_total: int = 0
+    sets_expired_total: int = 0
+    event_polls_total: int = 0
+
+    def render(self, gauges: dict[str, float]) -> str:
+        lines = []
+        for f in fields(self):
+            lines.append(f"# TYPE broker_{f.name} counter")
+            lines.append(f"broker_{f.name} {getattr(self, f.name)}")
+        for name, value in gauges.items():
+            lines.append(f"# TYPE broker_{name} gauge")
+            lines.append(f"broker_{name} {value:g}")
+        return "\n".join(lines) + "\n"

@@ -1,0 +1,200 @@
+"""UK OB aggregated polling (RFC 8936): POST /events, and the producer's SET publishing.
+
+- `POST /publish/clients/{client_id}/sets` (scope events:publish): check the payloads, sign
+  each SET once, queue the ones the client's subscription accepts (202 with their jtis).
+- `POST /events` (client-credentials token, one of the OB scopes): ack, nack, select, and
+  long-poll through the hub when nothing is ready.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from aiohttp import web
+
+from broker import jsonutil, keyspace, ob
+from broker.appkeys import (
+    hub_key,
+    metrics_key,
+    sets_key,
+    settings_key,
+    signer_key,
+    store_key,
+    subscriptions_key,
+)
+from broker.auth import PUBLISH_SCOPE
+from broker.errors import InvalidRequest, PayloadTooLarge
+from broker.http import authenticate, client_gone, finish, read_json
+from broker.sets import NO_SUBSCRIPTION, QUEUED, PollOutcome, SetStore, SignedSet
+from broker.signing import Signer
+from broker.subscriptions import SubscriptionStore
+
+routes = web.RouteTableDef()
+log = logging.getLogger(__name__)
+# Batches this large are signed on a thread (PS256 costs ~250 µs a SET) to keep the loop free.
+_SIGN_IN_THREAD = 16
+
+
+async def ob_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The OB stores, on the command client of the queue store (registered after redis_ctx)."""
+    settings = app[settings_key]
+    redis = app[store_key].redis
+    app[sets_key] = SetStore(
+        redis, retention_s=settings.events.retention_s, redelivery_s=settings.events.redelivery_s
+    )
+    app[subscriptions_key] = SubscriptionStore(redis)
+    yield
+
+
+@routes.post("/publish/clients/{client_id}/sets")
+async def publish_sets(request: web.Request) -> web.Response:
+    """Sign and queue one SET payload or an array of them; 202 with the jtis queued."""
+    authenticate(request).require_scope(PUBLISH_SCOPE)
+    app = request.app
+    settings = app[settings_key]
+    payload = await read_json(request)
+    items = payload if isinstance(payload, list) else [payload]
+    if not items:
+        raise InvalidRequest("no SETs given")
+    if len(items) > settings.publish.max_batch:
+        raise InvalidRequest(f"at most {settings.publish.max_batch} SETs, got {len(items)}")
+    many = isinstance(payload, list)
+    inputs = [ob.parse_set_input(item, f"[{i}]" if many else "") for i, item in enumerate(items)]
+    client_id = request.match_info["client_id"]
+    claims = [_claims(settings.signing.issuer, client_id, s) for s in inputs]
+    for i, c in enumerate(claims):
+        if len(jsonutil.dumps(c)) > settings.publish.max_event_bytes:
+            raise PayloadTooLarge(
+                f"SET[{i}] is over {settings.publish.max_event_bytes} bytes", path=f"[{i}]"
+            )
+    signer = app[signer_key]
+    if len(claims) >= _SIGN_IN_THREAD:
+        jws = await asyncio.to_thread(_sign_all, signer, claims)
+    else:
+        jws = _sign_all(signer, claims)
+    signed = [
+        SignedSet(c["jti"], j, s.event_codes) for c, j, s in zip(claims, jws, inputs, strict=True)
+    ]
+    store = app[sets_key]
+    # Once the script has run the SETs are stored; let it finish even if the producer leaves.
+    outcome = await finish(request, lambda: store.publish(client_id, signed))
+    metrics = app[metrics_key]
+    queued = [s.jti for s, f in zip(signed, outcome.flags, strict=True) if f == QUEUED]
+    metrics.sets_published_total += len(queued)
+    if outcome.expired:
+        _count_expired(request, client_id, outcome.expired)
+    skipped = [
+        {
+            "index": i,
+            "reason": "no_subscription" if f == NO_SUBSCRIPTION else "event_type_not_subscribed",
+        }
+        for i, f in enumerate(outcome.flags)
+        if f != QUEUED
+    ]
+    body: dict[str, Any] = {"jtis": queued}
+    if skipped:
+        body["skipped"] = skipped
+    return jsonutil.json_response(body, status=202)
+
+
+def _claims(issuer: str, client_id: str, s: ob.SetInput) -> dict[str, Any]:
+    now = int(time.time())
+    # A fresh random UUID per SET; jtis are never reused (OB "jti recycling": never).
+    jti = str(uuid.uuid4())
+    return {
+        "iss": issuer,
+        "iat": now,
+        "jti": jti,
+        "aud": client_id,
+        "sub": s.sub,
+        # OB: txn may carry the same value as jti when the producer has no interaction id.
+        "txn": s.txn if s.txn is not None else jti,
+        "toe": s.toe if s.toe is not None else now,
+        "events": s.events,
+    }
+
+
+def _sign_all(signer: Signer, claims: list[dict[str, Any]]) -> list[str]:
+    return [signer.sign_set(c) for c in claims]
+
+
+@routes.post("/events")
+async def poll_events(request: web.Request) -> web.Response:
+    """RFC 8936 poll: validate, ack, nack, select; long-poll when nothing is ready."""
+    principal = authenticate(request)
+    principal.require_scope(*ob.POLL_SCOPES)
+    app = request.app
+    settings, store, hub = app[settings_key], app[sets_key], app[hub_key]
+    poll = ob.parse_poll_request(await read_json(request), max_acks=settings.events.max_acks)
+    client = principal.client_id
+    cap = settings.events.max_events
+    limit = cap if poll.max_events is None else min(poll.max_events, cap)
+    # maxEvents 0 answers at once (spec §9.10); absent returnImmediately means a long poll.
+    immediate = poll.return_immediately is True or limit == 0
+    wait = 0.0 if immediate else min(settings.poll.default_wait_s, settings.poll.max_wait_s)
+
+    async def step(first: bool) -> PollOutcome:
+        # Acks and nacks ride on the first step only: applied exactly once per request.
+        return await finish(
+            request,
+            lambda: store.poll(
+                client,
+                limit=limit,
+                ack=poll.ack if first else (),
+                set_errs=poll.set_errs if first else None,
+            ),
+        )
+
+    if wait <= 0:
+        outcome = await step(True)
+        _count(request, client, outcome)
+    else:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        first = True
+        # Register first, then read: a publish landing between the read and the wait still
+        # finds this waiter registered (see hub.py).
+        async with hub.watch(keyspace.client_tag(client)) as waiter:
+            while True:
+                waiter.arm()
+                outcome = await step(first)
+                _count(request, client, outcome)
+                first = False
+                remaining = deadline - loop.time()
+                if outcome.sets or remaining <= 0 or hub.closing or client_gone(request):
+                    break
+                # A lease ending makes a SET deliverable without any publish: wake for it.
+                if outcome.next_lease_s is not None:
+                    remaining = min(remaining, outcome.next_lease_s + 0.005)
+                await waiter.wait(remaining)
+
+    metrics = app[metrics_key]
+    metrics.event_polls_total += 1
+    metrics.sets_delivered_total += len(outcome.sets)
+    return jsonutil.json_response(
+        {"sets": outcome.sets, "moreAvailable": outcome.more},
+        headers={"Cache-Control": "no-store"},
+    )
+
+
+def _count(request: web.Request, client: str, outcome: PollOutcome) -> None:
+    metrics = request.app[metrics_key]
+    metrics.sets_acked_total += outcome.acked
+    metrics.sets_nacked_total += outcome.nacked
+    if outcome.expired:
+        _count_expired(request, client, outcome.expired)
+
+
+def _count_expired(request: web.Request, client: str, n: int) -> None:
+    request.app[metrics_key].sets_expired_total += n
+    log.warning(
+        "dropped %d unacked SETs of client %r: older than events.retention_s (%ss)",
+        n,
+        client,
+        request.app[settings_key].events.retention_s,
+    )

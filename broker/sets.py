@@ -1,0 +1,150 @@
+"""SetStore: the signed SETs awaiting each OB client (TPP), kept in Redis until acked.
+
+Per client (hash tag `c:<client>`, so every script touches one Cluster slot; see keyspace.py):
+a zset of every unacked jti ordered by publish time, a zset of the jtis a poll may deliver
+now, a zset of delivered jtis held back by a lease (only when `events.redelivery_s` > 0), a
+hash jti -> compact JWS, and a hash of nacked SETs with their error, kept for the operator.
+
+Two scripts do all the work, each one atomic step:
+- sets_publish: check the client's subscription, queue the SETs, apply the retention;
+- sets_poll: ack, nack (setErrs), end leases, apply the retention, select the oldest ready
+  SETs and tell whether more remain. Concurrent polls of one client are serialised by Redis.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from redis.asyncio import Redis
+
+from broker import jsonutil, keyspace
+from broker.store import add_wake, guard
+
+QUEUED = 1
+NO_SUBSCRIPTION = 0
+NOT_SUBSCRIBED = -1
+
+
+@dataclass(frozen=True, slots=True)
+class SignedSet:
+    """A SET ready to store: its jti, compact JWS and the OB codes of its events."""
+
+    jti: str
+    jws: str
+    event_codes: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class PublishOutcome:
+    flags: list[int]  # per SET: QUEUED, NO_SUBSCRIPTION or NOT_SUBSCRIBED
+    expired: int  # unacked SETs dropped past the retention by this step
+
+
+@dataclass(frozen=True, slots=True)
+class PollOutcome:
+    sets: dict[str, str]  # jti -> compact JWS, oldest first
+    more: bool  # deliverable SETs remain beyond these
+    acked: int
+    nacked: int
+    expired: int
+    next_lease_s: float | None  # seconds until a leased SET is deliverable again
+
+
+class SetStore:
+    def __init__(self, redis: Redis, *, retention_s: int, redelivery_s: float) -> None:
+        self.redis = redis
+        self.retention_ms = retention_s * 1000
+        self.lease_ms = int(redelivery_s * 1000)
+        self._publish = redis.register_script(keyspace.lua("sets_publish"))
+        self._poll = redis.register_script(keyspace.lua("sets_poll"))
+
+    async def publish(self, client_id: str, sets: Sequence[SignedSet]) -> PublishOutcome:
+        """Queue the SETs the client's subscription accepts, and wake its parked polls.
+
+        The wake-up hint is pipelined behind the script: one round trip.
+        """
+        tag = keyspace.client_tag(client_id)
+        args: list[Any] = [self.retention_ms, len(sets)]
+        for s in sets:
+            args += (s.jti, s.jws, "," + ",".join(s.event_codes) + ",")
+        pipe = self.redis.pipeline(transaction=False)
+        # On a pipeline, awaiting the script only queues it (and its SCRIPT LOAD).
+        await self._publish(
+            keys=[
+                keyspace.sets_all(tag),
+                keyspace.sets_ready(tag),
+                keyspace.sets_leased(tag),
+                keyspace.sets_jws(tag),
+                keyspace.sets_seq(tag),
+                keyspace.subscription(tag),
+            ],
+            args=args,
+            client=pipe,
+        )
+        add_wake(pipe, tag)
+        reply = await guard(pipe.execute())
+        flags, expired = reply[0]
+        return PublishOutcome(flags=[int(f) for f in flags], expired=int(expired))
+
+    async def poll(
+        self,
+        client_id: str,
+        *,
+        limit: int,
+        ack: Sequence[str] = (),
+        set_errs: dict[str, tuple[str, str]] | None = None,
+    ) -> PollOutcome:
+        """Apply `ack` then `set_errs`, then select up to `limit` SETs: one atomic step."""
+        tag = keyspace.client_tag(client_id)
+        errs = set_errs or {}
+        now_ms = int(time.time() * 1000)
+        args: list[Any] = [
+            limit,
+            self.lease_ms,
+            self.retention_ms,
+            self.retention_ms,  # nack records are kept as long as unacked SETs would be
+            len(ack),
+            *ack,
+            len(errs),
+        ]
+        for jti, (err, description) in errs.items():
+            # Escaped here, where a JSON encoder is at hand; the script only prepends the JWS.
+            record = {"err": err, "description": description, "at": now_ms}
+            args += (jti, jsonutil.dumps(record))
+        reply = await guard(
+            self._poll(
+                keys=[
+                    keyspace.sets_all(tag),
+                    keyspace.sets_ready(tag),
+                    keyspace.sets_leased(tag),
+                    keyspace.sets_jws(tag),
+                    keyspace.sets_nacked(tag),
+                ],
+                args=args,
+            )
+        )
+        acked, nacked, expired, more, next_ms, flat = reply
+        sets = {flat[i].decode(): flat[i + 1].decode() for i in range(0, len(flat), 2)}
+        return PollOutcome(
+            sets=sets,
+            more=bool(more),
+            acked=int(acked),
+            nacked=int(nacked),
+            expired=int(expired),
+            next_lease_s=None if int(next_ms) < 0 else int(next_ms) / 1000,
+        )
+
+    async def pending(self, client_id: str) -> int:
+        """Unacked SETs of the client (leased ones included)."""
+        n: int = await guard(self.redis.zcard(keyspace.sets_all(keyspace.client_tag(client_id))))
+        return n
+
+    async def nacked(self, client_id: str) -> dict[str, dict[str, Any]]:
+        """The client's nacked SETs: jti -> {"set", "err", "description", "at"} (operators)."""
+        raw: dict[Any, Any] = await guard(
+            self.redis.hgetall(keyspace.sets_nacked(keyspace.client_tag(client_id)))
+        )
+        return {k.decode(): jsonutil.loads(v) for k, v in raw.items()}

@@ -9,13 +9,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from aiohttp import web
 from redis.asyncio import Redis
 
-from broker import jsonutil
-from broker.api import health, publish, queues
+from broker import jsonutil, ob
+from broker.api import events, health, publish, queues, subscriptions, wellknown
 from broker.appkeys import (
     background_key,
     hub_key,
     metrics_key,
     settings_key,
+    signer_key,
     store_key,
     verifier_key,
 )
@@ -25,6 +26,7 @@ from broker.errors import AuthError, ConfigError, RequestError, StoreUnavailable
 from broker.hub import Hub
 from broker.metrics import Metrics
 from broker.redisconn import create_blocking_client, create_command_client
+from broker.signing import Signer
 from broker.store import QueueStore
 
 log = logging.getLogger(__name__)
@@ -93,12 +95,15 @@ def create_app(
             "(`python -m broker serve` does) or set BROKER_REDIS_URL."
         )
     app = web.Application(
-        middlewares=[error_middleware], client_max_size=settings.publish.max_body_bytes
+        # ob_middleware sits inside: OB paths get OBErrorResponse1 bodies, others are untouched.
+        middlewares=[error_middleware, ob.ob_middleware],
+        client_max_size=settings.publish.max_body_bytes,
     )
     app[settings_key] = settings
     app[metrics_key] = Metrics()
     app[background_key] = set()
     app[verifier_key] = TokenVerifier.from_settings(settings.auth, settings.data_dir)
+    app[signer_key] = Signer.from_settings(settings.signing, settings.data_dir)
 
     async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
         command = redis or create_command_client(settings.redis.url, settings.redis)
@@ -110,6 +115,7 @@ def create_app(
             ttl_s=settings.queues.ttl_s,
             maxlen=settings.queues.maxlen,
             max_batch=settings.queues.max_batch,
+            idempotency_ttl_s=settings.publish.idempotency_ttl_s,
         )
         hub = Hub(blocking, block_ms=settings.poll.hub_block_ms)
         await hub.start()
@@ -127,7 +133,8 @@ def create_app(
         app[hub_key].release_all()
 
     app.cleanup_ctx.append(redis_ctx)
+    app.cleanup_ctx.append(events.ob_ctx)  # after redis_ctx: it uses the command client
     app.on_shutdown.append(release_waiters)
-    for api in (queues, publish, health):
+    for api in (queues, publish, health, events, subscriptions, wellknown):
         app.add_routes(api.routes)
     return app

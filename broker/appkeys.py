@@ -12,7 +12,10 @@ if TYPE_CHECKING:
     from broker.config import Settings
     from broker.hub import Hub
     from broker.metrics import Metrics
+    from broker.sets import SetStore
+    from broker.signing import Signer
     from broker.store import QueueStore
+    from broker.subscriptions import SubscriptionStore
 
 settings_key: web.AppKey[Settings] = web.AppKey("settings")
 store_key: web.AppKey[QueueStore] = web.AppKey("store")
@@ -21,3 +24,7 @@ verifier_key: web.AppKey[TokenVerifier] = web.AppKey("verifier")
 metrics_key: web.AppKey[Metrics] = web.AppKey("metrics")
 # Tasks that must run to completion after their request was cancelled (client gone).
 background_key: web.AppKey[set[asyncio.Future[object]]] = web.AppKey("background")
+# Open Banking: the SET signer, the SET store and the event subscriptions.
+signer_key: web.AppKey[Signer] = web.AppKey("signer")
+sets_key: web.AppKey[SetStore] = web.AppKey("sets")
+subscriptions_key: web.AppKey[SubscriptionStore] = web.AppKey("subscriptions")

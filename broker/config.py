@@ -131,6 +131,8 @@ class PublishSettings:
     max_batch: int = 1000
     # Largest request body accepted by any endpoint (413 past it).
     max_body_bytes: int = 4 * 1024 * 1024
+    # How long a producer's Idempotency-Key is remembered.
+    idempotency_ttl_s: int = 86400
 
     def check(self) -> None:
         _require(
@@ -154,6 +156,8 @@ class SigningSettings:
     key_file: str = ""
     # Keys still published in the JWKS during a rotation (public or private PEM files).
     previous_key_files: tuple[str, ...] = ()
+    # Their kids, in the same order; empty: each key's RFC 7638 thumbprint.
+    previous_kids: tuple[str, ...] = ()
     # Empty: the RFC 7638 thumbprint of the key.
     kid: str = ""
     issuer: str = "https://aspsp.example.com/"
@@ -174,6 +178,13 @@ class SigningSettings:
         _require(
             self.profile in ("ob", "rfc8417"), "signing.profile", self.profile, "'ob' or 'rfc8417'"
         )
+        _require(
+            not self.previous_kids or len(self.previous_kids) == len(self.previous_key_files),
+            "signing.previous_kids",
+            list(self.previous_kids),
+            "one kid per signing.previous_key_files entry, or empty",
+        )
+        _require(self.jwks_max_age_s >= 0, "signing.jwks_max_age_s", self.jwks_max_age_s, ">= 0")
 
 
 @dataclass(frozen=True)

@@ -4,10 +4,22 @@ Layout (all keys of one user, or of one OB client, share a hash tag so each scri
 single Redis Cluster slot):
 
     brk:{u:<user>}:queues        ZSET   queue id -> idle deadline (ms); the user's live queues
-    brk:{u:<user>}:qm:<qid>      HASH   queue meta: topics, cursor (last delivered id), dropped
+    brk:{u:<user>}:qm:<qid>      HASH   queue meta: topics, cursor (last delivered id), gen, dropped
     brk:{u:<user>}:q:<qid>       STREAM the queue's events: fields i (event id), e (JSON body)
     brk:{u:<user>}:seq           STRING last event id assigned for the user (ids increase)
+    brk:{u:<user>}:pub:<token>   HASH   answer of one publish request (ids, queues), kept for
+                                        retries: 60 s, or publish.idempotency_ttl_s for a
+                                        producer's Idempotency-Key
     brk:{wake}                   STREAM wake-up hints: field t = the tag whose data changed
+    brk:{c:<client>}:sets        ZSET   every unacked SET's jti -> order score (publish ms * 1000
+                                        + n: oldest first, and the publish time for retention)
+    brk:{c:<client>}:sets:ready  ZSET   jti -> order score; the SETs a poll may deliver now
+    brk:{c:<client>}:sets:lease  ZSET   jti -> lease end (ms); delivered, held back until then
+    brk:{c:<client>}:sets:jws    HASH   jti -> compact JWS, signed once at publish
+    brk:{c:<client>}:sets:seq    STRING last order score given out (scores only increase)
+    brk:{c:<client>}:sets:nacked HASH   jti -> {"set","err","description","at"} JSON; TTL'd
+    brk:{c:<client>}:sub         HASH   the client's event subscription: id, version,
+                                        callback, types (",Code,Code," or "*" for all)
 
 The queue scripts build the per-queue key names from the tag they are given in KEYS; those
 names carry the same hash tag, so they always live in the slot of the declared keys.
@@ -58,6 +70,38 @@ def event_seq(tag: str) -> str:
     return base(tag) + ":seq"
 
 
+def publish_record(tag: str, token: str) -> str:
+    return f"{base(tag)}:pub:{token}"
+
+
 def lua(name: str) -> str:
     """The text of broker/lua/<name>.lua."""
     return resources.files("broker").joinpath("lua", f"{name}.lua").read_text("utf-8")
+
+
+def sets_all(tag: str) -> str:
+    return base(tag) + ":sets"
+
+
+def sets_ready(tag: str) -> str:
+    return base(tag) + ":sets:ready"
+
+
+def sets_leased(tag: str) -> str:
+    return base(tag) + ":sets:lease"
+
+
+def sets_jws(tag: str) -> str:
+    return base(tag) + ":sets:jws"
+
+
+def sets_seq(tag: str) -> str:
+    return base(tag) + ":sets:seq"
+
+
+def sets_nacked(tag: str) -> str:
+    return base(tag) + ":sets:nacked"
+
+
+def subscription(tag: str) -> str:
+    return base(tag) + ":sub"

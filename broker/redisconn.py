@@ -12,6 +12,10 @@ from redis.backoff import NoBackoff
 
 from broker.config import RedisSettings
 
+# Names shown by CLIENT LIST, so an operator can tell the broker's connections apart.
+CLIENT_NAME = "broker"
+HUB_CLIENT_NAME = "broker-hub"
+
 
 def _no_retry() -> Retry:
     return Retry(NoBackoff(), 0)
@@ -26,6 +30,7 @@ def create_command_client(url: str, settings: RedisSettings) -> Redis:
         socket_timeout=settings.socket_timeout_s,
         socket_connect_timeout=settings.socket_timeout_s,
         retry=_no_retry(),
+        client_name=CLIENT_NAME,
     )
     return Redis(connection_pool=pool, retry=_no_retry())
 
@@ -38,4 +43,5 @@ def create_blocking_client(url: str, settings: RedisSettings, block_ms: int) -> 
         socket_timeout=block_ms / 1000 + settings.socket_timeout_s,
         socket_connect_timeout=settings.socket_timeout_s,
         retry=_no_retry(),
+        client_name=HUB_CLIENT_NAME,
     )

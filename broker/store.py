@@ -6,7 +6,7 @@ Raw Redis stays behind this class; redis-py errors become StoreError / StoreUnav
 from __future__ import annotations
 
 import secrets
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -19,14 +19,35 @@ from broker.errors import StoreError, StoreUnavailable
 T = TypeVar("T")
 
 
+_UNAVAILABLE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
+# Lifetime of the record that makes a publish safe to retry when no Idempotency-Key is given.
+RETRY_RECORD_S = 60
+
+
 async def guard(call: Awaitable[T]) -> T:
     """Await a Redis call, turning redis-py's errors into the broker's."""
     try:
         return await call
-    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as e:
+    except _UNAVAILABLE as e:
         raise StoreUnavailable(f"Redis unavailable: {e}") from e
     except redis.exceptions.RedisError as e:
         raise StoreError(f"Redis error: {e}") from e
+
+
+async def idempotent(call: Callable[[], Awaitable[T]]) -> T:
+    """Run a call that is safe to repeat, retrying once if the connection failed.
+
+    redis-py does not notice that the server closed an idle pooled connection (a Redis
+    restart, an idle time-out): the first command on it fails. The clients are built without
+    automatic retries because a blind retry can store an event twice; the scripts called
+    through here are written to be repeated (tokens, compare-and-set), so one retry on a
+    fresh connection is safe.
+    """
+    try:
+        return await call()
+    except _UNAVAILABLE:
+        pass
+    return await guard(call())
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,8 +57,8 @@ class PollResult:
     body: bytes | None  # JSON array of the events, or None when there were none
     count: int
     dropped: int  # events lost to the stream cap since the previous poll
-    cursor: str  # cursor set by this poll
-    previous: str  # cursor before it, for rewind()
+    generation: int  # names this poll's cursor move, for rewind()
+    previous: str  # cursor before it
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,8 +77,17 @@ class QueueEvent:
 
 
 class QueueStore:
-    def __init__(self, redis: Redis, *, ttl_s: int, maxlen: int, max_batch: int) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        *,
+        ttl_s: int,
+        maxlen: int,
+        max_batch: int,
+        idempotency_ttl_s: int = 86400,
+    ) -> None:
         self.redis = redis
+        self.idempotency_ttl_s = idempotency_ttl_s
         self.ttl_ms = ttl_s * 1000
         self.maxlen = maxlen
         self.max_batch = max_batch
@@ -70,8 +100,9 @@ class QueueStore:
         """Create a queue for the user; returns its id (128 random bits, URL-safe)."""
         queue_id = secrets.token_urlsafe(16)
         tag = keyspace.user_tag(user_id)
-        await guard(
-            self._subscribe(
+        # The id is chosen here, so a retried script creates the same queue again.
+        await idempotent(
+            lambda: self._subscribe(
                 keys=[keyspace.queue_registry(tag), keyspace.queue_meta(tag, queue_id)],
                 args=[self.ttl_ms, queue_id, "," + ",".join(topics) + ","],
             )
@@ -84,59 +115,77 @@ class QueueStore:
         None when the queue does not exist for this user: unknown, expired or another user's.
         """
         tag = keyspace.user_tag(user_id)
-        reply = await guard(
-            self._poll(
+        token = secrets.token_hex(8)
+        reply = await idempotent(
+            lambda: self._poll(
                 keys=[
                     keyspace.queue_registry(tag),
                     keyspace.queue_meta(tag, queue_id),
                     keyspace.queue_stream(tag, queue_id),
                 ],
-                args=[self.ttl_ms, queue_id, self.max_batch],
+                args=[self.ttl_ms, queue_id, self.max_batch, token],
             )
         )
         if not reply:
             return None
-        previous, cursor, dropped, entries = reply
+        previous, generation, dropped, entries = reply
         return PollResult(
             body=_events_array(entries) if entries else None,
             count=len(entries),
             dropped=int(dropped),
-            cursor=cursor.decode(),
+            generation=int(generation),
             previous=previous.decode(),
         )
 
     async def rewind(self, user_id: str, queue_id: str, result: PollResult) -> bool:
         """Hand the events of `result` out again on the next poll (its answer was not sent)."""
         tag = keyspace.user_tag(user_id)
-        done = await guard(
-            self._rewind(
-                keys=[keyspace.queue_meta(tag, queue_id)], args=[result.cursor, result.previous]
+        done = await idempotent(
+            lambda: self._rewind(
+                keys=[keyspace.queue_meta(tag, queue_id)],
+                args=[result.generation, result.previous],
             )
         )
         return bool(done)
 
-    async def publish(self, user_id: str, events: Sequence[QueueEvent]) -> PublishResult:
+    async def publish(
+        self, user_id: str, events: Sequence[QueueEvent], *, idempotency_key: str | None = None
+    ) -> PublishResult:
         """Append the events to every live queue of the user subscribed to their topic.
 
         One script stores the whole batch; the wake-up hint for waiting polls is pipelined
-        behind it in the same round trip.
+        behind it in the same round trip. With `idempotency_key`, a repeated request (the
+        producer retrying after a lost answer) gets the first answer and stores nothing.
         """
         tag = keyspace.user_tag(user_id)
+        if idempotency_key is None:
+            token, keep_s = "auto:" + secrets.token_hex(12), RETRY_RECORD_S
+        else:
+            token, keep_s = "key:" + idempotency_key, self.idempotency_ttl_s
         args: list[Any] = [keyspace.base(tag), self.maxlen, len(events)]
         for e in events:
             args += (e.topic, e.id, e.body)
-        pipe = self.redis.pipeline(transaction=False)
-        # On a pipeline, awaiting the script only queues it (and its SCRIPT LOAD).
-        await self._publish(
-            keys=[keyspace.queue_registry(tag), keyspace.event_seq(tag)], args=args, client=pipe
-        )
-        add_wake(pipe, tag)
-        reply = await guard(pipe.execute())
+        args.append(keep_s)
+        keys = [
+            keyspace.queue_registry(tag),
+            keyspace.event_seq(tag),
+            keyspace.publish_record(tag, token),
+        ]
+
+        async def run() -> Any:
+            pipe = self.redis.pipeline(transaction=False)
+            # On a pipeline, awaiting the script only queues it (and its SCRIPT LOAD).
+            await self._publish(keys=keys, args=args, client=pipe)
+            add_wake(pipe, tag)
+            return await pipe.execute()
+
+        reply = await idempotent(run)
         ids, reached = reply[0]
         return PublishResult(ids=[i.decode() for i in ids], queues=int(reached))
 
     async def aclose(self) -> None:
-        await self.redis.aclose()
+        # The pool was handed to the client, so the client does not close it by default.
+        await self.redis.aclose(close_connection_pool=True)
 
 
 def add_wake(pipe: Any, tag: str) -> None:

@@ -122,9 +122,7 @@ AppFactory = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
 
 
 @pytest.fixture
-def make_client(
-    aiohttp_client: Any, settings: Settings, redis_pair: RedisPair
-) -> AppFactory:
+def make_client(aiohttp_client: Any, settings: Settings, redis_pair: RedisPair) -> AppFactory:
     """make_client(**settings_changes) -> a test client of a full app on `redis_pair`.
 
     Each call builds a new app (a new "broker process") on the same Redis server.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 
 from aiohttp import web
 
@@ -15,7 +16,7 @@ routes = web.RouteTableDef()
 @routes.get("/healthz")
 async def healthz(request: web.Request) -> web.Response:
     """Liveness: the process serves HTTP."""
-    return jsonutil.json_response({"status": "ok", "version": __version__})
+    return jsonutil.json_response({"status": "ok", "version": __version__, "pid": os.getpid()})
 
 
 @routes.get("/readyz")

@@ -1,9 +1,18 @@
 -- Fan a batch of events out to every live queue of one user subscribed to each event's topic,
 -- in one atomic step: no queue ever holds half a batch.
--- KEYS[1] registry zset, KEYS[2] event id counter
+-- KEYS[1] registry zset, KEYS[2] event id counter, KEYS[3] idempotency record of this request
 -- ARGV[1] key base of the user ("brk:{u:...}"), ARGV[2] stream cap (MAXLEN),
--- ARGV[3] event count n, then n triples (topic, id or "" to assign one, JSON body without "id")
--- Returns {ids, number of queues that received at least one event}.
+-- ARGV[3] event count n, then n triples (topic, id or "" to assign one, JSON body without "id"),
+-- then the idempotency record's lifetime in seconds.
+-- Returns {ids, number of queues that received at least one event}. A request whose record
+-- exists (a retry after a lost reply, or a producer's repeated Idempotency-Key) gets the
+-- first answer again and stores nothing.
+local done = redis.call('HMGET', KEYS[3], 'ids', 'queues')
+if done[1] then
+  local ids = {}
+  for id in string.gmatch(done[1], '[^,]+') do ids[#ids + 1] = id end
+  return {ids, tonumber(done[2])}
+end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local base = ARGV[1]
@@ -58,4 +67,6 @@ for _, qid in ipairs(qids) do
     redis.call('ZREM', KEYS[1], qid)
   end
 end
+redis.call('HSET', KEYS[3], 'ids', table.concat(ids, ','), 'queues', reached)
+redis.call('EXPIRE', KEYS[3], tonumber(ARGV[4 + 3 * n]))
 return {ids, reached}

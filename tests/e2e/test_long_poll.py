@@ -1,0 +1,179 @@
+"""Long polling on GET /queues/{id}: ?wait / Prefer: wait, wake-ups, time-outs, disconnects."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from broker.appkeys import hub_key, metrics_key, store_key
+from tests.oxlin_helpers import connection_event, publish, subscribe
+
+
+async def test_wait_returns_as_soon_as_an_event_is_published(client, auth):
+    loc = await subscribe(client, auth, "u1")
+    started = time.monotonic()
+    poll = asyncio.ensure_future(client.get(loc + "?wait=5", headers=auth("u1")))
+    await asyncio.sleep(0.3)
+    assert not poll.done()
+    assert client.app[hub_key].waiting == 1
+    await publish(client, auth, "u1", connection_event(event_type="SYNC_ALL_SUCCESS"))
+    r = await asyncio.wait_for(poll, 3)
+    elapsed = time.monotonic() - started
+    assert r.status == 200
+    assert [e["event_type"] for e in await r.json()] == ["SYNC_ALL_SUCCESS"]
+    assert elapsed < 2.5  # woken, not timed out at 5 s
+    assert client.app[hub_key].waiting == 0
+
+
+async def test_wait_times_out_with_204(client, auth):
+    loc = await subscribe(client, auth, "u1")
+    started = time.monotonic()
+    r = await client.get(loc + "?wait=0.6", headers=auth("u1"))
+    elapsed = time.monotonic() - started
+    assert r.status == 204
+    assert 0.5 <= elapsed < 3
+
+
+async def test_prefer_wait_header_holds_the_poll(client, auth):
+    loc = await subscribe(client, auth, "u1")
+    started = time.monotonic()
+    r = await client.get(loc, headers={**auth("u1"), "Prefer": "respond-async, wait=0.5"})
+    assert r.status == 204
+    assert time.monotonic() - started >= 0.45
+
+
+async def test_without_wait_the_poll_answers_at_once(client, auth):
+    loc = await subscribe(client, auth, "u1")
+    started = time.monotonic()
+    r = await client.get(loc, headers=auth("u1"))
+    assert r.status == 204
+    assert time.monotonic() - started < 1
+
+
+async def test_wait_is_capped_by_max_wait(make_client, auth):
+    client = await make_client(poll={"max_wait_s": 0.5})
+    loc = await subscribe(client, auth, "u1")
+    started = time.monotonic()
+    r = await client.get(loc + "?wait=60", headers=auth("u1"))
+    assert r.status == 204
+    assert time.monotonic() - started < 3
+
+
+async def test_bad_wait_is_400_and_consumes_nothing(client, auth):
+    loc = await subscribe(client, auth, "u1")
+    await publish(client, auth, "u1", connection_event())
+    for bad in ("abc", "-1", "nan"):
+        r = await client.get(f"{loc}?wait={bad}", headers=auth("u1"))
+        assert r.status == 400, bad
+        assert (await r.json())["path"] == "wait"
+    assert (await client.get(loc, headers=auth("u1"))).status == 200
+
+
+async def test_waiting_on_unknown_queue_is_404_at_once(client, auth):
+    started = time.monotonic()
+    r = await client.get("/queues/nope?wait=5", headers=auth("u1"))
+    assert r.status == 404
+    assert time.monotonic() - started < 2
+    assert client.app[hub_key].waiting == 0
+
+
+async def test_event_published_between_check_and_wait_is_not_missed(client, auth):
+    """Register-then-check: a publish landing right after the poll's read still wakes it."""
+    loc = await subscribe(client, auth, "u1")
+    store = client.app[store_key]
+    original = store.poll
+    calls = 0
+
+    async def poll_then_publish(user, queue_id):
+        nonlocal calls
+        calls += 1
+        result = await original(user, queue_id)
+        if calls == 1:  # the stream was read empty; publish before the handler parks
+            await store.publish("u1", [_encoded(connection_event())])
+        return result
+
+    store.poll = poll_then_publish
+    started = time.monotonic()
+    r = await client.get(loc + "?wait=4", headers=auth("u1"))
+    assert r.status == 200
+    assert len(await r.json()) == 1
+    assert time.monotonic() - started < 2.5
+
+
+async def test_disconnected_waiter_is_removed(client, auth):
+    loc = await subscribe(client, auth, "u1")
+    hub = client.app[hub_key]
+    poll = asyncio.ensure_future(client.get(loc + "?wait=5", headers=auth("u1")))
+    for _ in range(100):
+        if hub.waiting == 1:
+            break
+        await asyncio.sleep(0.02)
+    assert hub.waiting == 1
+    poll.cancel()  # the client goes away
+    for _ in range(100):
+        if hub.waiting == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert hub.waiting == 0
+    # nothing was consumed on its behalf: an event published now is still there
+    await publish(client, auth, "u1", connection_event())
+    r = await client.get(loc, headers=auth("u1"))
+    assert r.status == 200
+
+
+async def test_events_read_for_a_vanished_client_are_handed_out_again(client, auth):
+    """A poll whose answer cannot be sent rewinds the queue, so the events are not lost."""
+    loc = await subscribe(client, auth, "u1")
+    store = client.app[store_key]
+    await publish(client, auth, "u1", [connection_event(), connection_event()])
+    result = await store.poll("u1", loc.rsplit("/", 1)[1])
+    assert result is not None and result.count == 2
+    assert await store.rewind("u1", loc.rsplit("/", 1)[1], result)
+    events = await (await client.get(loc, headers=auth("u1"))).json()
+    assert len(events) == 2
+    # once a later poll moved past them, a stale rewind changes nothing
+    assert not await store.rewind("u1", loc.rsplit("/", 1)[1], result)
+    assert (await client.get(loc, headers=auth("u1"))).status == 204
+
+
+async def test_shutdown_answers_parked_polls(make_client, auth):
+    client = await make_client()
+    loc = await subscribe(client, auth, "u1")
+    poll = asyncio.ensure_future(client.get(loc + "?wait=5", headers=auth("u1")))
+    hub = client.app[hub_key]
+    for _ in range(100):
+        if hub.waiting:
+            break
+        await asyncio.sleep(0.02)
+    started = time.monotonic()
+    hub.release_all()
+    r = await asyncio.wait_for(poll, 3)
+    assert r.status == 204
+    assert time.monotonic() - started < 2
+
+
+async def test_many_waiters_each_get_their_own_event(client, auth):
+    users = [f"user{i}" for i in range(30)]
+    locs = {u: await subscribe(client, auth, u) for u in users}
+    polls = {
+        u: asyncio.ensure_future(client.get(locs[u] + "?wait=5", headers=auth(u))) for u in users
+    }
+    hub = client.app[hub_key]
+    for _ in range(200):
+        if hub.waiting == len(users):
+            break
+        await asyncio.sleep(0.02)
+    assert hub.waiting == len(users)
+    for u in users:
+        await publish(client, auth, u, connection_event(resource={"id": u}))
+    for u in users:
+        r = await asyncio.wait_for(polls[u], 4)
+        assert r.status == 200
+        assert [e["resource"]["id"] for e in await r.json()] == [u]
+    assert client.app[metrics_key].queue_events_delivered_total == len(users)
+
+
+def _encoded(event):
+    from broker.oxlin import encode_events
+
+    return encode_events(event, ["connections"], max_event_bytes=65536, max_batch=10)[0]

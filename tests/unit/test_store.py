@@ -1,0 +1,87 @@
+"""QueueStore scripts, on fakeredis and a real server: the retry-safety of every script."""
+
+from __future__ import annotations
+
+import pytest
+
+from broker import keyspace
+from broker.oxlin import encode_events
+from broker.store import QueueStore
+from tests.oxlin_helpers import connection_event
+
+
+@pytest.fixture
+def store(redis_pair):
+    return QueueStore(redis_pair.client(), ttl_s=60, maxlen=100, max_batch=2)
+
+
+def _events(n):
+    return encode_events(
+        [connection_event(event_type=f"E{i}") for i in range(n)],
+        ["connections"],
+        max_event_bytes=65536,
+        max_batch=100,
+    )
+
+
+async def test_a_repeated_poll_token_is_served_the_same_events(store):
+    qid = await store.subscribe("u1", ["connections"])
+    await store.publish("u1", _events(3))
+    tag = keyspace.user_tag("u1")
+    keys = [
+        keyspace.queue_registry(tag),
+        keyspace.queue_meta(tag, qid),
+        keyspace.queue_stream(tag, qid),
+    ]
+    first = await store._poll(keys=keys, args=[60000, qid, 2, "tok1"])
+    again = await store._poll(keys=keys, args=[60000, qid, 2, "tok1"])
+    assert [e[0] for e in first[3]] == [e[0] for e in again[3]] and len(first[3]) == 2
+    nxt = await store._poll(keys=keys, args=[60000, qid, 2, "tok2"])
+    assert len(nxt[3]) == 1 and nxt[3][0][0] not in {e[0] for e in first[3]}
+
+
+async def test_batch_cap_returns_the_rest_on_the_next_poll(store):
+    qid = await store.subscribe("u1", ["connections"])
+    await store.publish("u1", _events(3))
+    a = await store.poll("u1", qid)
+    b = await store.poll("u1", qid)
+    c = await store.poll("u1", qid)
+    assert (a.count, b.count, c.count) == (2, 1, 0) and c.body is None
+
+
+async def test_publish_with_the_same_key_stores_once(store):
+    qid = await store.subscribe("u1", ["connections"])
+    first = await store.publish("u1", _events(2), idempotency_key="k1")
+    second = await store.publish("u1", _events(2), idempotency_key="k1")
+    assert first == second and first.queues == 1
+    assert (await store.poll("u1", qid)).count == 2
+    assert (await store.poll("u1", qid)).count == 0
+
+
+async def test_poll_of_unknown_queue_is_none_and_creates_nothing(store):
+    assert await store.poll("u1", "nope") is None
+    assert await store.redis.keys("brk:{u:u1}:q*") == []
+
+
+async def test_expired_queues_leave_the_registry_on_publish(store, redis_pair):
+    qid = await store.subscribe("u1", ["connections"])
+    tag = keyspace.user_tag("u1")
+    await store.redis.delete(keyspace.queue_meta(tag, qid))  # as if it had expired
+    result = await store.publish("u1", _events(1))
+    assert result.queues == 0
+    assert await store.redis.zcard(keyspace.queue_registry(tag)) == 0
+
+
+async def test_poll_refreshes_the_expiry_of_every_queue_key(store):
+    qid = await store.subscribe("u1", ["connections"])
+    await store.publish("u1", _events(1))
+    tag = keyspace.user_tag("u1")
+    for key in (keyspace.queue_meta(tag, qid), keyspace.queue_stream(tag, qid)):
+        await store.redis.pexpire(key, 5000)
+    await store.poll("u1", qid)
+    for key in (
+        keyspace.queue_meta(tag, qid),
+        keyspace.queue_stream(tag, qid),
+        keyspace.queue_registry(tag),
+    ):
+        assert 55_000 < await store.redis.pttl(key) <= 60_000, key

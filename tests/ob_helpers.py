@@ -127,8 +127,7 @@ def verify_set(
     """Verify a compact SET with jwcrypto; check header, claims and schema; return the claims."""
     assert token.count(".") == 2
     registry = {
-        name: jws.JWSEHeaderParameter("OB message signing", False, True, None)
-        for name in OB_CRIT
+        name: jws.JWSEHeaderParameter("OB message signing", False, True, None) for name in OB_CRIT
     }
     obj = jws.JWS(header_registry=registry)
     obj.deserialize(token)

@@ -21,7 +21,7 @@ from typing import Any
 
 import jsonschema
 import yaml
-from referencing import Registry, Resource
+from referencing import Registry
 from referencing.jsonschema import DRAFT7
 
 from tests.conftest import SHARED
@@ -88,8 +88,8 @@ def _registry() -> Registry:
     events, notifications = _docs()
     return Registry().with_resources(
         [
-            (EVENTS_URI, Resource(contents=events, specification=DRAFT7)),
-            (NOTIFICATIONS_URI, Resource(contents=notifications, specification=DRAFT7)),
+            (EVENTS_URI, DRAFT7.create_resource(events)),
+            (NOTIFICATIONS_URI, DRAFT7.create_resource(notifications)),
         ]
     )
 

@@ -246,7 +246,9 @@ async def test_31_bad_set_errs_entry_is_400_and_nothing_applied(client, auth, en
 )
 async def test_34_to_37_invalid_members_are_400_with_no_side_effect(client, auth, body):
     a, (ja, jb, jc) = await setup_abc(client, auth)
-    r = await a.poll({**body, "setErrs": body.get("setErrs", {jc: {"err": "e", "description": "d"}})})
+    r = await a.poll(
+        {**body, "setErrs": body.get("setErrs", {jc: {"err": "e", "description": "d"}})}
+    )
     assert r.status == 400
     err = r.json()
     assert err["Code"] == "400 BadRequest"
@@ -381,7 +383,7 @@ async def test_47_clients_are_isolated(client, auth):
 
 
 async def test_47_client_id_comes_from_azp_then_sub(client, auth):
-    a, jtis = await setup_abc(client, auth)
+    _, jtis = await setup_abc(client, auth)
     for headers in (
         auth("whoever", scopes=["accounts"], extra={"azp": "tpp-a"}),
         auth("tpp-a", scopes=["accounts"]),
@@ -480,3 +482,48 @@ async def test_consent_revoked_set_is_delivered(client, auth):
     (jti,) = await a.publish(consent_revoked("aac-9"))
     sets, _ = await a.poll_ok({"returnImmediately": True})
     verify_set(await fetch_jwks(client), sets[jti], jti=jti, aud="tpp-a")
+
+
+async def test_lease_holds_sets_back_and_a_long_poll_wakes_when_it_ends(make_client, auth):
+    client = await make_client(
+        events={"redelivery_s": 0.5}, poll={"default_wait_s": 3, "max_wait_s": 3}
+    )
+    a, jtis = await setup_abc(client, auth)
+    sets, _ = await a.poll_ok({"returnImmediately": True})
+    assert list(sets) == jtis
+    sets, more = await a.poll_ok({"returnImmediately": True})
+    assert (sets, more) == ({}, False)  # all three leased
+    started = time.monotonic()
+    sets, _ = await a.poll_ok({"ack": jtis[:2]})
+    assert list(sets) == jtis[2:]  # redelivered when the lease ended, not at the 3 s timeout
+    assert time.monotonic() - started < 2.0
+
+
+async def test_retention_drops_are_counted(make_client, auth):
+    client = await make_client(events={"retention_s": 1})
+    a, _ = await setup_abc(client, auth)
+    await asyncio.sleep(1.1)
+    sets, more = await a.poll_ok({"returnImmediately": True})
+    assert (sets, more) == ({}, False)
+    assert client.app[metrics_key].sets_expired_total == 3
+
+
+async def test_errors_off_the_ob_paths_keep_the_generic_body(client, auth):
+    r = await client.get("/queues/nope")
+    assert "x-fapi-interaction-id" not in r.headers
+    assert "error" in await r.json()
+    r = await client.get("/event-subscriptions/x/y")
+    assert r.status == 404
+    assert r.headers["x-fapi-interaction-id"]
+    assert (await r.json())["Errors"][0]["ErrorCode"] == "UK.OBIE.Resource.NotFound"
+
+
+async def test_metrics_count_polls_deliveries_and_acks(client, auth):
+    a, jtis = await setup_abc(client, auth)
+    await a.poll_ok({"returnImmediately": True})
+    await a.poll_ok({"ack": jtis, "setErrs": {}, "returnImmediately": True})
+    text = await (await client.get("/metrics")).text()
+    assert "broker_event_polls_total 2" in text
+    assert "broker_sets_delivered_total 3" in text
+    assert "broker_sets_acked_total 3" in text
+    assert "broker_sets_published_total 3" in text

@@ -1,0 +1,165 @@
+"""SetStore and its two scripts, on fakeredis and on a real server (`redis_pair`)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from broker import keyspace
+from broker.sets import NO_SUBSCRIPTION, NOT_SUBSCRIBED, QUEUED, SetStore, SignedSet
+
+RU = ("UK.OBIE.Resource-Update",)
+CAR = ("UK.OBIE.Consent-Authorization-Revoked",)
+
+
+@pytest.fixture
+async def redis(redis_pair):
+    return redis_pair.client()
+
+
+async def subscribe(redis, client_id, types="*"):
+    key = keyspace.subscription(keyspace.client_tag(client_id))
+    await redis.hset(key, mapping={"id": "s1", "version": "3.1", "types": types})
+
+
+def signed(*names, codes=RU):
+    return [SignedSet(n, f"h.{n}.s", codes) for n in names]
+
+
+async def test_publish_queues_only_with_a_matching_subscription(redis):
+    store = SetStore(redis, retention_s=3600, redelivery_s=0)
+    out = await store.publish("c", signed("a"))
+    assert out.flags == [NO_SUBSCRIPTION]
+    await subscribe(redis, "c", ",UK.OBIE.Resource-Update,")
+    out = await store.publish(
+        "c", signed("b") + signed("x", codes=CAR) + signed("y", codes=RU + CAR)
+    )
+    assert out.flags == [QUEUED, NOT_SUBSCRIBED, QUEUED]
+    assert await store.pending("c") == 2
+
+
+async def test_publish_appends_a_wake_hint_for_the_client(redis):
+    store = SetStore(redis, retention_s=3600, redelivery_s=0)
+    await store.publish("tpp/{x}", signed("a"))
+    (entry,) = await redis.xrange(keyspace.WAKE_STREAM)
+    assert entry[1][b"t"].decode() == keyspace.client_tag("tpp/{x}")
+
+
+async def test_order_is_publish_order_even_within_one_millisecond(redis):
+    await subscribe(redis, "c")
+    store = SetStore(redis, retention_s=3600, redelivery_s=0)
+    names = [f"j{i:03d}" for i in range(300)]
+    # Random-looking jtis sort differently from their publish order; the order score decides.
+    names.reverse()
+    await store.publish("c", signed(*names[:150]))
+    await store.publish("c", signed(*names[150:]))
+    out = await store.poll("c", limit=1000)
+    assert list(out.sets) == names
+
+
+async def test_poll_acks_nacks_and_reports_counts(redis):
+    await subscribe(redis, "c")
+    store = SetStore(redis, retention_s=3600, redelivery_s=0)
+    await store.publish("c", signed("a", "b", "c", "d"))
+    out = await store.poll(
+        "c", limit=1, ack=["a", "zz"], set_errs={"b": ("invalid_key", 'has "quotes"')}
+    )
+    assert (out.acked, out.nacked, out.expired) == (1, 1, 0)
+    assert out.sets == {"c": "h.c.s"}
+    assert out.more is True
+    nacked = await store.nacked("c")
+    assert nacked["b"]["set"] == "h.b.s"
+    assert nacked["b"]["description"] == 'has "quotes"'
+    assert isinstance(nacked["b"]["at"], int)
+    ttl = await redis.pttl(keyspace.sets_nacked(keyspace.client_tag("c")))
+    assert 0 < ttl <= 3600 * 1000
+    # Nacking again, or acking a nacked SET, changes nothing.
+    out = await store.poll("c", limit=10, ack=["b"], set_errs={"b": ("x", "y")})
+    assert (out.acked, out.nacked) == (0, 0)
+    assert list(out.sets) == ["c", "d"]
+
+
+async def test_limit_zero_selects_nothing_but_reports_more(redis):
+    await subscribe(redis, "c")
+    store = SetStore(redis, retention_s=3600, redelivery_s=0)
+    await store.publish("c", signed("a"))
+    out = await store.poll("c", limit=0)
+    assert out.sets == {}
+    assert out.more is True
+
+
+async def test_retention_drops_old_unacked_sets_and_counts_them(redis):
+    await subscribe(redis, "c")
+    store = SetStore(redis, retention_s=60, redelivery_s=0)
+    await store.publish("c", signed("old", "new"))
+    tag = keyspace.client_tag("c")
+    # Age "old" by two minutes: its order score is its publish time in ms * 1000.
+    score = await redis.zscore(keyspace.sets_all(tag), "old")
+    aged = score - 120_000 * 1000
+    await redis.zadd(keyspace.sets_all(tag), {"old": aged})
+    await redis.zadd(keyspace.sets_ready(tag), {"old": aged})
+    out = await store.poll("c", limit=10)
+    assert out.expired == 1
+    assert list(out.sets) == ["new"]
+    assert await redis.hexists(keyspace.sets_jws(tag), "old") == 0
+
+
+async def test_publish_also_applies_the_retention(redis):
+    await subscribe(redis, "c")
+    store = SetStore(redis, retention_s=60, redelivery_s=0)
+    await store.publish("c", signed("old"))
+    tag = keyspace.client_tag("c")
+    await redis.zadd(keyspace.sets_all(tag), {"old": 1})
+    out = await store.publish("c", signed("new"))
+    assert out.expired == 1
+    assert await store.pending("c") == 1
+
+
+async def test_lease_holds_a_delivered_set_back_then_redelivers_it(redis):
+    await subscribe(redis, "c")
+    store = SetStore(redis, retention_s=3600, redelivery_s=0.3)
+    await store.publish("c", signed("a", "b"))
+    out = await store.poll("c", limit=1)
+    assert list(out.sets) == ["a"]
+    assert out.more is True
+    assert out.next_lease_s is not None and 0 < out.next_lease_s <= 0.3
+    out = await store.poll("c", limit=10)
+    assert list(out.sets) == ["b"]
+    assert out.more is False
+    assert (await store.poll("c", limit=10)).sets == {}
+    await asyncio.sleep(0.4)
+    out = await store.poll("c", limit=10, ack=["b"])
+    assert list(out.sets) == ["a"]  # back in its original place, "b" acked meanwhile
+    assert out.acked == 1
+
+
+async def test_ack_of_a_leased_set_removes_it(redis):
+    await subscribe(redis, "c")
+    store = SetStore(redis, retention_s=3600, redelivery_s=30)
+    await store.publish("c", signed("a"))
+    await store.poll("c", limit=1)
+    out = await store.poll("c", limit=1, ack=["a"])
+    assert out.acked == 1
+    assert out.next_lease_s is None
+    assert await store.pending("c") == 0
+
+
+async def test_a_client_cannot_touch_another_clients_sets(redis):
+    await subscribe(redis, "a")
+    await subscribe(redis, "b")
+    store = SetStore(redis, retention_s=3600, redelivery_s=0)
+    await store.publish("a", signed("x"))
+    out = await store.poll("b", limit=10, ack=["x"], set_errs={"x": ("e", "d")})
+    assert (out.acked, out.nacked, out.sets) == (0, 0, {})
+    assert list((await store.poll("a", limit=10)).sets) == ["x"]
+
+
+async def test_large_selection_is_chunked(redis):
+    await subscribe(redis, "c")
+    store = SetStore(redis, retention_s=3600, redelivery_s=1)
+    names = [f"j{i:05d}" for i in range(1200)]
+    await store.publish("c", signed(*names))
+    out = await store.poll("c", limit=1200)
+    assert list(out.sets) == names
+    assert (await store.poll("c", limit=1200)).sets == {}

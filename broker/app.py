@@ -42,7 +42,14 @@ def error_body(status: int, code: str, message: str, path: str | None = None) ->
 
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Map every error to a status and a JSON body that says what is wrong; never a traceback."""
+    """Map every error to a status and a JSON body that says what is wrong; never a traceback.
+
+    Open Banking paths get OBErrorResponse1 bodies and x-fapi-interaction-id from ob.py. One
+    middleware rather than two: a parked long poll holds a coroutine frame per middleware,
+    and there are tens of thousands of them.
+    """
+    if ob.is_ob_path(request.path):
+        return await ob.ob_middleware(request, handler)
     try:
         return await handler(request)
     except RequestError as e:
@@ -95,8 +102,7 @@ def create_app(
             "(`python -m broker serve` does) or set BROKER_REDIS_URL."
         )
     app = web.Application(
-        # ob_middleware sits inside: OB paths get OBErrorResponse1 bodies, others are untouched.
-        middlewares=[error_middleware, ob.ob_middleware],
+        middlewares=[error_middleware],
         client_max_size=settings.publish.max_body_bytes,
     )
     app[settings_key] = settings

@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
 from typing import Any
 
 import redis.exceptions
@@ -33,14 +32,30 @@ log = logging.getLogger(__name__)
 
 
 class Waiter:
-    """One parked poll. Holds one future at a time; `arm` replaces it once it has fired."""
+    """One parked poll: a context manager that registers with the hub for its lifetime.
 
-    __slots__ = ("_future", "_loop", "tag")
+    Holds one future at a time; `arm` replaces it once it has fired. Kept small on purpose:
+    tens of thousands of these are alive at once.
+    """
 
-    def __init__(self, tag: str, loop: asyncio.AbstractEventLoop) -> None:
+    __slots__ = ("_future", "_group", "_hub", "_loop", "tag")
+
+    def __init__(self, hub: Hub, tag: str, loop: asyncio.AbstractEventLoop) -> None:
+        self._hub = hub
         self.tag = tag
         self._loop = loop
         self._future: asyncio.Future[bool] = loop.create_future()
+        self._group: set[Waiter] | None = None
+
+    def __enter__(self) -> Waiter:
+        self._group = self._hub._register(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        # Runs however the block ends, a cancel (client gone) included.
+        if self._group is not None:
+            self._hub._unregister(self, self._group)
+            self._group = None
 
     def arm(self) -> None:
         """Get ready for the next hint; call before re-reading the stream."""
@@ -108,22 +123,23 @@ class Hub:
         self.wake_all()
         await self.redis.aclose()
 
-    @contextlib.asynccontextmanager
-    async def watch(self, tag: str) -> AsyncIterator[Waiter]:
-        """Register a waiter for `tag`; it is removed however the block exits (cancel too)."""
-        waiter = Waiter(tag, asyncio.get_running_loop())
-        group = self._waiters.get(tag)
+    def watch(self, tag: str) -> Waiter:
+        """A waiter for `tag`, registered while its `with` block runs."""
+        return Waiter(self, tag, asyncio.get_running_loop())
+
+    def _register(self, waiter: Waiter) -> set[Waiter]:
+        group = self._waiters.get(waiter.tag)
         if group is None:
-            group = self._waiters[tag] = set()
+            group = self._waiters[waiter.tag] = set()
         group.add(waiter)
         self._count += 1
-        try:
-            yield waiter
-        finally:
-            self._count -= 1
-            group.discard(waiter)
-            if not group and self._waiters.get(tag) is group:
-                del self._waiters[tag]
+        return group
+
+    def _unregister(self, waiter: Waiter, group: set[Waiter]) -> None:
+        self._count -= 1
+        group.discard(waiter)
+        if not group and self._waiters.get(waiter.tag) is group:
+            del self._waiters[waiter.tag]
 
     def wake(self, tag: str) -> None:
         for waiter in self._waiters.get(tag, ()):

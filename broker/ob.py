@@ -309,8 +309,7 @@ def _error_path(e: RequestError) -> str | None:
 async def ob_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """On OB paths: OBErrorResponse1 errors, and x-fapi-interaction-id on every response.
 
-    Registered inside the generic error middleware, so it sees OB errors first and leaves
-    every other path to it untouched.
+    Called by app.error_middleware for OB paths (is_ob_path); other paths pass through.
     """
     if not is_ob_path(request.path):
         return await handler(request)

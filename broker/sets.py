@@ -21,7 +21,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from broker import jsonutil, keyspace
-from broker.store import add_wake, guard
+from broker.store import guard, script_with_wake
 
 QUEUED = 1
 NO_SUBSCRIPTION = 0
@@ -64,29 +64,21 @@ class SetStore:
     async def publish(self, client_id: str, sets: Sequence[SignedSet]) -> PublishOutcome:
         """Queue the SETs the client's subscription accepts, and wake its parked polls.
 
-        The wake-up hint is pipelined behind the script: one round trip.
+        The wake-up hint is pipelined behind the script: one round trip (store.script_with_wake).
         """
         tag = keyspace.client_tag(client_id)
         args: list[Any] = [self.retention_ms, len(sets)]
         for s in sets:
             args += (s.jti, s.jws, "," + ",".join(s.event_codes) + ",")
-        pipe = self.redis.pipeline(transaction=False)
-        # On a pipeline, awaiting the script only queues it (and its SCRIPT LOAD).
-        await self._publish(
-            keys=[
-                keyspace.sets_all(tag),
-                keyspace.sets_ready(tag),
-                keyspace.sets_leased(tag),
-                keyspace.sets_jws(tag),
-                keyspace.sets_seq(tag),
-                keyspace.subscription(tag),
-            ],
-            args=args,
-            client=pipe,
-        )
-        add_wake(pipe, tag)
-        reply = await guard(pipe.execute())
-        flags, expired = reply[0]
+        keys = [
+            keyspace.sets_all(tag),
+            keyspace.sets_ready(tag),
+            keyspace.sets_leased(tag),
+            keyspace.sets_jws(tag),
+            keyspace.sets_seq(tag),
+            keyspace.subscription(tag),
+        ]
+        flags, expired = await guard(script_with_wake(self.redis, self._publish, keys, args, tag))
         return PublishOutcome(flags=[int(f) for f in flags], expired=int(expired))
 
     async def poll(

@@ -6,12 +6,14 @@ Raw Redis stays behind this class; redis-py errors become StoreError / StoreUnav
 from __future__ import annotations
 
 import secrets
+import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import redis.exceptions
 from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
 
 from broker import keyspace
 from broker.errors import StoreError, StoreUnavailable
@@ -172,15 +174,9 @@ class QueueStore:
             keyspace.publish_record(tag, token),
         ]
 
-        async def run() -> Any:
-            pipe = self.redis.pipeline(transaction=False)
-            # On a pipeline, awaiting the script only queues it (and its SCRIPT LOAD).
-            await self._publish(keys=keys, args=args, client=pipe)
-            add_wake(pipe, tag)
-            return await pipe.execute()
-
-        reply = await idempotent(run)
-        ids, reached = reply[0]
+        ids, reached = await idempotent(
+            lambda: script_with_wake(self.redis, self._publish, keys, args, tag)
+        )
         return PublishResult(ids=[i.decode() for i in ids], queues=int(reached))
 
     async def aclose(self) -> None:
@@ -191,6 +187,39 @@ class QueueStore:
 def add_wake(pipe: Any, tag: str) -> None:
     """Queue the wake-up hint for `tag` on a pipeline (see hub.Hub)."""
     pipe.xadd(keyspace.WAKE_STREAM, {"t": tag}, maxlen=keyspace.WAKE_MAXLEN, approximate=True)
+
+
+# Script objects loaded once by their client; Redis can still forget them (restart, flush).
+_loaded: weakref.WeakSet[AsyncScript] = weakref.WeakSet()
+
+
+async def script_with_wake(
+    client: Redis, script: AsyncScript, keys: Sequence[str], args: Sequence[Any], tag: str
+) -> Any:
+    """Run a script and append the wake-up hint for `tag` in one round trip; the script's reply.
+
+    The script goes out as a bare EVALSHA: handing a Script object to a redis-py pipeline
+    makes every execute() ask SCRIPT EXISTS first, a second round trip on each publish. The
+    script is loaded only when Redis says NOSCRIPT (after a restart or SCRIPT FLUSH), which
+    also means it did not run, so running it again is safe.
+    """
+    if script not in _loaded:
+        # First use of this Script object: load it, so the common path is one round trip.
+        script.sha = await client.script_load(script.script)
+        _loaded.add(script)
+    for attempt in range(2):
+        pipe = client.pipeline(transaction=False)
+        pipe.evalsha(script.sha, len(keys), *keys, *args)
+        add_wake(pipe, tag)
+        reply = await pipe.execute(raise_on_error=False)
+        if isinstance(reply[0], redis.exceptions.NoScriptError) and attempt == 0:
+            script.sha = await client.script_load(script.script)
+            continue
+        for part in reply:
+            if isinstance(part, Exception):
+                raise part
+        return reply[0]
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def _events_array(entries: list[Any]) -> bytes:

@@ -159,7 +159,7 @@ async def poll_events(request: web.Request) -> web.Response:
         first = True
         # Register first, then read: a publish landing between the read and the wait still
         # finds this waiter registered (see hub.py).
-        async with hub.watch(keyspace.client_tag(client)) as waiter:
+        with hub.watch(keyspace.client_tag(client)) as waiter:
             while True:
                 waiter.arm()
                 outcome = await step(first)

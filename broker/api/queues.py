@@ -48,7 +48,7 @@ async def poll(request: web.Request) -> web.Response:
         deadline = loop.time() + wait
         # Register first, then read: a publish landing between the read and the wait still
         # finds this waiter registered (see hub.py).
-        async with hub.watch(keyspace.user_tag(user)) as waiter:
+        with hub.watch(keyspace.user_tag(user)) as waiter:
             while True:
                 waiter.arm()
                 result = await _consume(request, store, user, queue_id)

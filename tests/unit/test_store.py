@@ -85,3 +85,12 @@ async def test_poll_refreshes_the_expiry_of_every_queue_key(store):
         keyspace.queue_registry(tag),
     ):
         assert 55_000 < await store.redis.pttl(key) <= 60_000, key
+
+
+async def test_publish_reloads_its_script_after_a_script_flush(store):
+    """A restarted or flushed Redis forgets scripts: NOSCRIPT means it did not run; reload."""
+    qid = await store.subscribe("u1", ["connections"])
+    await store.redis.script_flush()
+    result = await store.publish("u1", _events(2))
+    assert result.queues == 1 and len(result.ids) == 2
+    assert (await store.poll("u1", qid)).count == 2

@@ -1,0 +1,84 @@
+"""The hub's in-process bookkeeping: registration, wake-ups, time-outs, clean exits."""
+
+from __future__ import annotations
+
+import asyncio
+
+import fakeredis
+import pytest
+
+from broker import keyspace
+from broker.hub import Hub
+
+
+@pytest.fixture
+async def hub():
+    server = fakeredis.FakeServer()
+    h = Hub(fakeredis.FakeAsyncRedis(server=server), block_ms=100)
+    await h.start()
+    yield h
+    await h.aclose()
+
+
+async def test_waiters_count_while_registered_and_leave_on_exit(hub):
+    with hub.watch("u:a") as w1, hub.watch("u:a") as w2:
+        assert hub.waiting == 2 and w1 is not w2
+    assert hub.waiting == 0 and hub._waiters == {}
+
+
+async def test_a_cancelled_wait_deregisters(hub):
+    async def park():
+        with hub.watch("u:a") as w:
+            await w.wait(10)
+
+    task = asyncio.ensure_future(park())
+    await asyncio.sleep(0.01)
+    assert hub.waiting == 1
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert hub.waiting == 0 and hub._waiters == {}
+
+
+async def test_wake_reaches_only_its_tag(hub):
+    with hub.watch("u:a") as a, hub.watch("u:b") as b:
+        hub.wake("u:a")
+        assert await a.wait(0.5) is True
+        assert await b.wait(0.05) is False
+
+
+async def test_a_wake_before_the_wait_is_kept_until_rearmed(hub):
+    with hub.watch("u:a") as w:
+        hub.wake("u:a")  # arrives while the waiter is still reading its stream
+        assert await w.wait(0.01) is True
+        w.arm()
+        assert await w.wait(0.05) is False
+
+
+async def test_hints_on_the_wake_stream_wake_local_waiters(hub):
+    with hub.watch("u:a") as w:
+        await hub.redis.xadd(keyspace.WAKE_STREAM, {"t": "u:a"})
+        assert await w.wait(2) is True
+    assert hub.hints >= 1
+
+
+async def test_release_all_wakes_everyone_and_marks_closing(hub):
+    with hub.watch("u:a") as a, hub.watch("u:b") as b:
+        hub.release_all()
+        assert await a.wait(0.1) and await b.wait(0.1)
+        assert hub.closing
+
+
+async def test_the_reader_starts_after_existing_hints(hub):
+    """Hints published before start are history: a new waiter is not woken by them."""
+    server = fakeredis.FakeServer()
+    redis = fakeredis.FakeAsyncRedis(server=server)
+    await redis.xadd(keyspace.WAKE_STREAM, {"t": "u:a"})
+    late = Hub(fakeredis.FakeAsyncRedis(server=server), block_ms=100)
+    await late.start()
+    with late.watch("u:a") as w:
+        assert await w.wait(0.3) is False
+        await redis.xadd(keyspace.WAKE_STREAM, {"t": "u:a"})
+        assert await w.wait(2) is True
+    await late.aclose()
+    await redis.aclose()

@@ -12,6 +12,8 @@ import contextlib
 import gc
 import logging
 import multiprocessing
+import os
+import resource
 import signal
 import sys
 from collections.abc import Callable
@@ -45,9 +47,21 @@ def tune_gc() -> None:
     gc.set_threshold(50_000, 50, 100)
 
 
-def run_worker(settings: Settings, *, reuse_port: bool, print_ready: bool = False) -> None:
+def raise_fd_limit() -> int:
+    """Lift the soft open-files limit to the hard one: each parked poll holds a socket."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def run_worker(settings: Settings, *, reuse_port: bool) -> None:
     """Serve HTTP in this process until SIGINT/SIGTERM."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    limit = raise_fd_limit()
+    if limit < 20_000:
+        log.warning("open-files limit is %d: at most about that many parked polls", limit)
     loop = _loop_factory()()
     asyncio.set_event_loop(loop)
     app = create_app(settings)
@@ -106,8 +120,6 @@ def _run_workers(settings: Settings, workers: int) -> int:
         for p in procs:
             if p.is_alive() and p.pid is not None:
                 with contextlib.suppress(ProcessLookupError):
-                    import os
-
                     os.kill(p.pid, signal.SIGINT)
 
     signal.signal(signal.SIGTERM, stop)

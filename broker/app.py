@@ -26,6 +26,8 @@ from broker.errors import AuthError, ConfigError, RequestError, StoreUnavailable
 from broker.hub import Hub
 from broker.metrics import Metrics
 from broker.redisconn import create_blocking_client, create_command_client
+from broker.resp import RespClient
+from broker.scripts import RedisPyRunner, RespRunner, ScriptRunner
 from broker.signing import Signer
 from broker.store import QueueStore
 
@@ -116,12 +118,27 @@ def create_app(
         blocking = blocking_redis or create_blocking_client(
             settings.redis.url, settings.redis, settings.poll.hub_block_ms
         )
+        # Scripts (every poll and publish) go through one auto-pipelined connection; an
+        # injected client (tests, fakeredis) runs them itself.
+        # (TLS, rediss://, stays on redis-py.)
+        runner: ScriptRunner = (
+            RedisPyRunner(command)
+            if redis is not None or settings.redis.url.startswith("rediss://")
+            else RespRunner(
+                RespClient(
+                    settings.redis.url,
+                    timeout_s=settings.redis.socket_timeout_s,
+                    connect_timeout_s=settings.redis.socket_timeout_s,
+                )
+            )
+        )
         app[store_key] = QueueStore(
             command,
             ttl_s=settings.queues.ttl_s,
             maxlen=settings.queues.maxlen,
             max_batch=settings.queues.max_batch,
             idempotency_ttl_s=settings.publish.idempotency_ttl_s,
+            runner=runner,
         )
         hub = Hub(blocking, block_ms=settings.poll.hub_block_ms)
         await hub.start()

@@ -41,8 +41,9 @@ class RedisSettings:
     # Empty: start an embedded Redis-compatible server (valkey) with its data under data_dir.
     url: str = ""
     data_dir: str = ".broker"
-    # Pooled connections for commands; the long-poll hub adds one blocking connection.
-    max_connections: int = 3
+    # Pooled redis-py connections for occasional commands (subscriptions, readiness). Polls
+    # and publishes share one more, auto-pipelined; the long-poll hub adds one blocking.
+    max_connections: int = 2
     socket_timeout_s: float = 5.0
 
     def check(self) -> None:

@@ -41,10 +41,18 @@ def free_port() -> int:
 
 
 class EmbeddedRedis:
-    def __init__(self, data_dir: Path, *, port: int | None = None, appendonly: bool = True) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        port: int | None = None,
+        appendonly: bool = True,
+        extra_args: tuple[str, ...] = (),
+    ) -> None:
         self.data_dir = Path(data_dir).resolve()
         self.port = port
         self.appendonly = appendonly
+        self.extra_args = extra_args  # more server options, e.g. ("--requirepass", "pw")
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -81,6 +89,7 @@ class EmbeddedRedis:
                     str(log),
                     "--protected-mode",
                     "yes",
+                    *self.extra_args,
                 ],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
@@ -105,7 +114,7 @@ class EmbeddedRedis:
                 socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s,
             ):
                 s.sendall(b"PING\r\n")
-                if s.recv(64).startswith(b"+PONG"):
+                if s.recv(64).startswith((b"+PONG", b"-NOAUTH")):
                     return True
             time.sleep(0.02)
         return False

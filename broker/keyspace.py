@@ -4,7 +4,8 @@ Layout (all keys of one user, or of one OB client, share a hash tag so each scri
 single Redis Cluster slot):
 
     brk:{u:<user>}:queues        ZSET   queue id -> idle deadline (ms); the user's live queues
-    brk:{u:<user>}:qm:<qid>      HASH   queue meta: topics, cursor (last delivered id), gen, dropped
+    brk:{u:<user>}:qm:<qid>      HASH   queue meta: topics, cursor (last delivered id), dropped,
+                                        ptok/pprev (token and start of the last poll)
     brk:{u:<user>}:q:<qid>       STREAM the queue's events: fields i (event id), e (JSON body)
     brk:{u:<user>}:seq           STRING last event id assigned for the user (ids increase)
     brk:{u:<user>}:pub:<token>   HASH   answer of one publish request (ids, queues), kept for

@@ -21,7 +21,8 @@ from typing import Any
 from redis.asyncio import Redis
 
 from broker import jsonutil, keyspace
-from broker.store import guard, script_with_wake
+from broker.scripts import RedisPyRunner, Script, ScriptRunner
+from broker.store import guard, idempotent
 
 QUEUED = 1
 NO_SUBSCRIPTION = 0
@@ -54,17 +55,25 @@ class PollOutcome:
 
 
 class SetStore:
-    def __init__(self, redis: Redis, *, retention_s: int, redelivery_s: float) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        *,
+        retention_s: int,
+        redelivery_s: float,
+        runner: ScriptRunner | None = None,
+    ) -> None:
         self.redis = redis
+        self.runner: ScriptRunner = runner or RedisPyRunner(redis)
         self.retention_ms = retention_s * 1000
         self.lease_ms = int(redelivery_s * 1000)
-        self._publish = redis.register_script(keyspace.lua("sets_publish"))
-        self._poll = redis.register_script(keyspace.lua("sets_poll"))
+        self._publish = Script.load("sets_publish")
+        self._poll = Script.load("sets_poll")
 
     async def publish(self, client_id: str, sets: Sequence[SignedSet]) -> PublishOutcome:
         """Queue the SETs the client's subscription accepts, and wake its parked polls.
 
-        The wake-up hint is pipelined behind the script: one round trip (store.script_with_wake).
+        The wake-up hint is pipelined behind the script: one round trip.
         """
         tag = keyspace.client_tag(client_id)
         args: list[Any] = [self.retention_ms, len(sets)]
@@ -78,7 +87,7 @@ class SetStore:
             keyspace.sets_seq(tag),
             keyspace.subscription(tag),
         ]
-        flags, expired = await guard(script_with_wake(self.redis, self._publish, keys, args, tag))
+        flags, expired = await guard(self.runner.run_with_wake(self._publish, keys, args, tag))
         return PublishOutcome(flags=[int(f) for f in flags], expired=int(expired))
 
     async def poll(
@@ -106,18 +115,16 @@ class SetStore:
             # Escaped here, where a JSON encoder is at hand; the script only prepends the JWS.
             record = {"err": err, "description": description, "at": now_ms}
             args += (jti, jsonutil.dumps(record))
-        reply = await guard(
-            self._poll(
-                keys=[
-                    keyspace.sets_all(tag),
-                    keyspace.sets_ready(tag),
-                    keyspace.sets_leased(tag),
-                    keyspace.sets_jws(tag),
-                    keyspace.sets_nacked(tag),
-                ],
-                args=args,
-            )
-        )
+        keys = [
+            keyspace.sets_all(tag),
+            keyspace.sets_ready(tag),
+            keyspace.sets_leased(tag),
+            keyspace.sets_jws(tag),
+            keyspace.sets_nacked(tag),
+        ]
+        # Safe to repeat: acks and nacks are idempotent, and a SET selected by a poll whose
+        # answer was lost is unacked, so it is delivered again (at once, or after its lease).
+        reply = await idempotent(lambda: self.runner.run(self._poll, keys, args))
         acked, nacked, expired, more, next_ms, flat = reply
         sets = {flat[i].decode(): flat[i + 1].decode() for i in range(0, len(flat), 2)}
         return PollOutcome(

@@ -5,20 +5,30 @@ Raw Redis stays behind this class; redis-py errors become StoreError / StoreUnav
 
 from __future__ import annotations
 
+import itertools
 import secrets
-import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import redis.exceptions
 from redis.asyncio import Redis
-from redis.commands.core import AsyncScript
 
 from broker import keyspace
 from broker.errors import StoreError, StoreUnavailable
+from broker.scripts import RedisPyRunner, Script, ScriptRunner
 
 T = TypeVar("T")
+
+
+# Poll tokens only need to differ between polls of one queue: a random per-process prefix
+# and a counter, cheaper than fresh random bytes on every poll.
+_TOKEN_PREFIX = secrets.token_hex(6)
+_token_counter = itertools.count()
+
+
+def new_poll_token() -> str:
+    return f"{_TOKEN_PREFIX}{next(_token_counter):x}"
 
 
 _UNAVAILABLE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
@@ -59,8 +69,7 @@ class PollResult:
     body: bytes | None  # JSON array of the events, or None when there were none
     count: int
     dropped: int  # events lost to the stream cap since the previous poll
-    generation: int  # names this poll's cursor move, for rewind()
-    previous: str  # cursor before it
+    token: str  # names this poll, for rewind()
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,16 +96,20 @@ class QueueStore:
         maxlen: int,
         max_batch: int,
         idempotency_ttl_s: int = 86400,
+        runner: ScriptRunner | None = None,
     ) -> None:
         self.redis = redis
+        # Scripts go through the runner (the auto-pipelined RespClient in the server);
+        # `redis` serves everything else.
+        self.runner: ScriptRunner = runner or RedisPyRunner(redis)
         self.idempotency_ttl_s = idempotency_ttl_s
         self.ttl_ms = ttl_s * 1000
         self.maxlen = maxlen
         self.max_batch = max_batch
-        self._subscribe = redis.register_script(keyspace.lua("queue_subscribe"))
-        self._poll = redis.register_script(keyspace.lua("queue_poll"))
-        self._rewind = redis.register_script(keyspace.lua("queue_rewind"))
-        self._publish = redis.register_script(keyspace.lua("queue_publish"))
+        self._subscribe = Script.load("queue_subscribe")
+        self._poll = Script.load("queue_poll")
+        self._rewind = Script.load("queue_rewind")
+        self._publish = Script.load("queue_publish")
 
     async def subscribe(self, user_id: str, topics: Sequence[str]) -> str:
         """Create a queue for the user; returns its id (128 random bits, URL-safe)."""
@@ -104,49 +117,54 @@ class QueueStore:
         tag = keyspace.user_tag(user_id)
         # The id is chosen here, so a retried script creates the same queue again.
         await idempotent(
-            lambda: self._subscribe(
-                keys=[keyspace.queue_registry(tag), keyspace.queue_meta(tag, queue_id)],
-                args=[self.ttl_ms, queue_id, "," + ",".join(topics) + ","],
+            lambda: self.runner.run(
+                self._subscribe,
+                [keyspace.queue_registry(tag), keyspace.queue_meta(tag, queue_id)],
+                [self.ttl_ms, queue_id, "," + ",".join(topics) + ","],
             )
         )
         return queue_id
 
-    async def poll(self, user_id: str, queue_id: str) -> PollResult | None:
+    async def poll(
+        self, user_id: str, queue_id: str, token: str | None = None
+    ) -> PollResult | None:
         """Consume the queue's pending events (oldest first) and reset its idle timer.
 
         None when the queue does not exist for this user: unknown, expired or another user's.
+        `token` (see new_poll_token) names the poll, so it can be undone with rewind() even
+        when its reply was never seen.
         """
         tag = keyspace.user_tag(user_id)
-        token = secrets.token_hex(8)
+        token = token or new_poll_token()
         reply = await idempotent(
-            lambda: self._poll(
-                keys=[
+            lambda: self.runner.run(
+                self._poll,
+                [
                     keyspace.queue_registry(tag),
                     keyspace.queue_meta(tag, queue_id),
                     keyspace.queue_stream(tag, queue_id),
                 ],
-                args=[self.ttl_ms, queue_id, self.max_batch, token],
+                [self.ttl_ms, queue_id, self.max_batch, token],
             )
         )
         if not reply:
             return None
-        previous, generation, dropped, entries = reply
+        dropped, entries = reply
         return PollResult(
             body=_events_array(entries) if entries else None,
             count=len(entries),
             dropped=int(dropped),
-            generation=int(generation),
-            previous=previous.decode(),
+            token=token,
         )
 
-    async def rewind(self, user_id: str, queue_id: str, result: PollResult) -> bool:
-        """Hand the events of `result` out again on the next poll (its answer was not sent)."""
+    async def rewind(self, user_id: str, queue_id: str, token: str) -> bool:
+        """Hand the events of poll `token` out again on the next poll (its answer was lost).
+
+        Does nothing if that poll never ran, was already rewound, or a later poll followed.
+        """
         tag = keyspace.user_tag(user_id)
         done = await idempotent(
-            lambda: self._rewind(
-                keys=[keyspace.queue_meta(tag, queue_id)],
-                args=[result.generation, result.previous],
-            )
+            lambda: self.runner.run(self._rewind, [keyspace.queue_meta(tag, queue_id)], [token])
         )
         return bool(done)
 
@@ -175,11 +193,12 @@ class QueueStore:
         ]
 
         ids, reached = await idempotent(
-            lambda: script_with_wake(self.redis, self._publish, keys, args, tag)
+            lambda: self.runner.run_with_wake(self._publish, keys, args, tag)
         )
         return PublishResult(ids=[i.decode() for i in ids], queues=int(reached))
 
     async def aclose(self) -> None:
+        await self.runner.aclose()
         # The pool was handed to the client, so the client does not close it by default.
         await self.redis.aclose(close_connection_pool=True)
 
@@ -187,39 +206,6 @@ class QueueStore:
 def add_wake(pipe: Any, tag: str) -> None:
     """Queue the wake-up hint for `tag` on a pipeline (see hub.Hub)."""
     pipe.xadd(keyspace.WAKE_STREAM, {"t": tag}, maxlen=keyspace.WAKE_MAXLEN, approximate=True)
-
-
-# Script objects loaded once by their client; Redis can still forget them (restart, flush).
-_loaded: weakref.WeakSet[AsyncScript] = weakref.WeakSet()
-
-
-async def script_with_wake(
-    client: Redis, script: AsyncScript, keys: Sequence[str], args: Sequence[Any], tag: str
-) -> Any:
-    """Run a script and append the wake-up hint for `tag` in one round trip; the script's reply.
-
-    The script goes out as a bare EVALSHA: handing a Script object to a redis-py pipeline
-    makes every execute() ask SCRIPT EXISTS first, a second round trip on each publish. The
-    script is loaded only when Redis says NOSCRIPT (after a restart or SCRIPT FLUSH), which
-    also means it did not run, so running it again is safe.
-    """
-    if script not in _loaded:
-        # First use of this Script object: load it, so the common path is one round trip.
-        script.sha = await client.script_load(script.script)
-        _loaded.add(script)
-    for attempt in range(2):
-        pipe = client.pipeline(transaction=False)
-        pipe.evalsha(script.sha, len(keys), *keys, *args)
-        add_wake(pipe, tag)
-        reply = await pipe.execute(raise_on_error=False)
-        if isinstance(reply[0], redis.exceptions.NoScriptError) and attempt == 0:
-            script.sha = await client.script_load(script.script)
-            continue
-        for part in reply:
-            if isinstance(part, Exception):
-                raise part
-        return reply[0]
-    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def _events_array(entries: list[Any]) -> bytes:

@@ -125,12 +125,18 @@ AppFactory = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
 def make_client(aiohttp_client: Any, settings: Settings, redis_pair: RedisPair) -> AppFactory:
     """make_client(**settings_changes) -> a test client of a full app on `redis_pair`.
 
-    Each call builds a new app (a new "broker process") on the same Redis server.
+    Each call builds a new app (a new "broker process") on the same Redis server. On fakeredis
+    the app gets injected redis-py clients; on the real server it connects by URL, so its
+    scripts go through the auto-pipelined RespClient as in production.
     """
 
     async def make(**changes: Any) -> TestClient[web.Request, web.Application]:
         s = settings.replace(**changes) if changes else settings
-        app = create_app(s, redis=redis_pair.client(), blocking_redis=redis_pair.client())
+        if redis_pair.url is None:
+            app = create_app(s, redis=redis_pair.client(), blocking_redis=redis_pair.client())
+        else:
+            # A real server: the app builds its own clients, as in production (RespClient).
+            app = create_app(s.replace(redis={"url": redis_pair.url}))
         client: TestClient[web.Request, web.Application] = await aiohttp_client(
             app, server_kwargs={"handler_cancellation": True}
         )

@@ -43,9 +43,13 @@ _SIGN_IN_THREAD = 16
 async def ob_ctx(app: web.Application) -> AsyncIterator[None]:
     """The OB stores, on the command client of the queue store (registered after redis_ctx)."""
     settings = app[settings_key]
-    redis = app[store_key].redis
+    store = app[store_key]
+    redis = store.redis
     app[sets_key] = SetStore(
-        redis, retention_s=settings.events.retention_s, redelivery_s=settings.events.redelivery_s
+        redis,
+        retention_s=settings.events.retention_s,
+        redelivery_s=settings.events.redelivery_s,
+        runner=store.runner,
     )
     app[subscriptions_key] = SubscriptionStore(redis)
     yield

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Coroutine
+from typing import Any
 
 from aiohttp import web
 
 from broker import jsonutil, keyspace, oxlin
-from broker.appkeys import hub_key, metrics_key, settings_key, store_key
+from broker.appkeys import background_key, hub_key, metrics_key, settings_key, store_key
 from broker.errors import NotFound
 from broker.http import authenticate, client_gone, finish, read_json, requested_wait
-from broker.store import PollResult, QueueStore
+from broker.store import PollResult, QueueStore, new_poll_token
 
 routes = web.RouteTableDef()
 
@@ -67,7 +69,7 @@ async def poll(request: web.Request) -> web.Response:
         return web.Response(status=204, headers=headers)
     if client_gone(request):
         # The answer cannot be sent; hand the events to the next poll instead of losing them.
-        await finish(request, lambda: store.rewind(user, queue_id, result))
+        await finish(request, lambda: store.rewind(user, queue_id, result.token))
         metrics.queue_rewinds_total += 1
         return web.Response(status=204, headers=headers)
     metrics.queue_events_delivered_total += result.count
@@ -75,12 +77,22 @@ async def poll(request: web.Request) -> web.Response:
 
 
 async def _consume(request: web.Request, store: QueueStore, user: str, queue_id: str) -> PollResult:
-    async def give_back(result: PollResult | None) -> None:
-        if result is not None and result.count:
-            await store.rewind(user, queue_id, result)
-            request.app[metrics_key].queue_rewinds_total += 1
-
-    result = await finish(request, lambda: store.poll(user, queue_id), give_back)
+    token = new_poll_token()
+    try:
+        result = await store.poll(user, queue_id, token)
+    except asyncio.CancelledError:
+        # The client left while we read. The script may have run (a sent command runs
+        # whatever happens to its caller), so undo it by its token; a no-op if it did not.
+        _in_background(request, store.rewind(user, queue_id, token))
+        request.app[metrics_key].queue_rewinds_total += 1
+        raise
     if result is None:
         raise NotFound(f"queue {queue_id!r} does not exist or has expired", code="queue_not_found")
     return result
+
+
+def _in_background(request: web.Request, work: Coroutine[Any, Any, Any]) -> None:
+    tasks = request.app[background_key]
+    task = asyncio.ensure_future(work)
+    tasks.add(task)
+    task.add_done_callback(tasks.discard)

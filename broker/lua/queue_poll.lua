@@ -4,16 +4,15 @@
 -- reached the client (it disconnected while we read).
 -- KEYS[1] registry zset, KEYS[2] queue meta hash, KEYS[3] queue stream
 -- ARGV[1] ttl ms, ARGV[2] queue id, ARGV[3] max events, ARGV[4] poll token
--- The token makes the script safe to retry: if the connection died after the script ran,
--- the retry (same token) is served the same events again instead of the next ones.
+-- The token names this poll. It makes the script safe to retry (a retry with the same token
+-- is served the same events again, not the next ones), and queue_rewind undoes a poll by it.
 -- Returns false when the queue does not exist (unknown, expired or another user's), else
--- {previous cursor, generation, dropped count, entries}; the generation names this poll's
--- cursor move for queue_rewind.
+-- {dropped count, entries}.
 if redis.call('EXISTS', KEYS[2]) == 0 then return false end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ttl = tonumber(ARGV[1])
-local meta = redis.call('HMGET', KEYS[2], 'cursor', 'dropped', 'ptok', 'pprev', 'gen')
+local meta = redis.call('HMGET', KEYS[2], 'cursor', 'dropped', 'ptok', 'pprev')
 local cursor = meta[1]
 local dropped = tonumber(meta[2] or '0')
 if meta[3] == ARGV[4] then
@@ -21,22 +20,19 @@ if meta[3] == ARGV[4] then
   if meta[4] ~= cursor then
     again = redis.call('XRANGE', KEYS[3], '(' .. meta[4], cursor, 'COUNT', tonumber(ARGV[3]))
   end
-  return {meta[4], tonumber(meta[5] or '0'), 0, again}
+  return {0, again}
 end
 if cursor ~= '0-0' then
   local ms, seq = string.match(cursor, '^(%d+)-(%d+)$')
   redis.call('XTRIM', KEYS[3], 'MINID', ms .. '-' .. (tonumber(seq) + 1))
 end
 local entries = redis.call('XRANGE', KEYS[3], '(' .. cursor, '+', 'COUNT', tonumber(ARGV[3]))
-local gen = 0
-if #entries > 0 then
-  gen = redis.call('HINCRBY', KEYS[2], 'gen', 1)
-  redis.call('HSET', KEYS[2], 'cursor', entries[#entries][1])
-end
-redis.call('HSET', KEYS[2], 'ptok', ARGV[4], 'pprev', cursor, 'dropped', 0)
+local new = cursor
+if #entries > 0 then new = entries[#entries][1] end
+redis.call('HSET', KEYS[2], 'cursor', new, 'ptok', ARGV[4], 'pprev', cursor, 'dropped', 0)
 -- A poll is a query: every key of the queue lives ttl longer (the Oxlin 15-minute timer).
 redis.call('PEXPIRE', KEYS[2], ttl)
 redis.call('PEXPIRE', KEYS[3], ttl)
 redis.call('ZADD', KEYS[1], now + ttl, ARGV[2])
 if redis.call('PTTL', KEYS[1]) < ttl then redis.call('PEXPIRE', KEYS[1], ttl) end
-return {cursor, gen, dropped, entries}
+return {dropped, entries}

@@ -4,7 +4,7 @@
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ttl = tonumber(ARGV[1])
-redis.call('HSET', KEYS[2], 'topics', ARGV[3], 'cursor', '0-0', 'dropped', 0, 'gen', 0)
+redis.call('HSET', KEYS[2], 'topics', ARGV[3], 'cursor', '0-0', 'dropped', 0)
 redis.call('PEXPIRE', KEYS[2], ttl)
 -- Forget queues that expired, then register this one with its idle deadline.
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from broker.appkeys import hub_key, metrics_key, store_key
+from broker.appkeys import background_key, hub_key, metrics_key, store_key
 from tests.oxlin_helpers import connection_event, publish, subscribe
 
 
@@ -84,10 +84,10 @@ async def test_event_published_between_check_and_wait_is_not_missed(client, auth
     original = store.poll
     calls = 0
 
-    async def poll_then_publish(user, queue_id):
+    async def poll_then_publish(user, queue_id, token=None):
         nonlocal calls
         calls += 1
-        result = await original(user, queue_id)
+        result = await original(user, queue_id, token)
         if calls == 1:  # the stream was read empty; publish before the handler parks
             await store.publish("u1", [_encoded(connection_event())])
         return result
@@ -128,11 +128,11 @@ async def test_events_read_for_a_vanished_client_are_handed_out_again(client, au
     await publish(client, auth, "u1", [connection_event(), connection_event()])
     result = await store.poll("u1", loc.rsplit("/", 1)[1])
     assert result is not None and result.count == 2
-    assert await store.rewind("u1", loc.rsplit("/", 1)[1], result)
+    assert await store.rewind("u1", loc.rsplit("/", 1)[1], result.token)
     events = await (await client.get(loc, headers=auth("u1"))).json()
     assert len(events) == 2
     # once a later poll moved past them, a stale rewind changes nothing
-    assert not await store.rewind("u1", loc.rsplit("/", 1)[1], result)
+    assert not await store.rewind("u1", loc.rsplit("/", 1)[1], result.token)
     assert (await client.get(loc, headers=auth("u1"))).status == 204
 
 
@@ -177,3 +177,46 @@ def _encoded(event):
     from broker.oxlin import encode_events
 
     return encode_events(event, ["connections"], max_event_bytes=65536, max_batch=10)[0]
+
+
+async def test_a_poll_is_undone_by_its_token_even_if_its_reply_was_never_seen(client, auth):
+    """What the handler does when its client vanishes mid-read: rewind by token, blind."""
+    from broker.store import new_poll_token
+
+    loc = await subscribe(client, auth, "u1")
+    qid = loc.rsplit("/", 1)[1]
+    store = client.app[store_key]
+    await publish(client, auth, "u1", connection_event(event_type="KEEP"))
+    token = new_poll_token()
+    await store.poll("u1", qid, token)  # consumed; pretend the reply was lost
+    assert await store.rewind("u1", qid, token)
+    assert not await store.rewind("u1", qid, token)  # twice changes nothing
+    assert not await store.rewind("u1", qid, new_poll_token())  # a poll that never ran
+    r = await client.get(loc, headers=auth("u1"))
+    assert [e["event_type"] for e in await r.json()] == ["KEEP"]
+
+
+async def test_cancelled_poll_mid_read_gives_its_events_to_the_next_poll(client, auth):
+    loc = await subscribe(client, auth, "u1")
+    store = client.app[store_key]
+    await publish(client, auth, "u1", [connection_event(), connection_event()])
+    original = store.poll
+    read_done = asyncio.Event()
+
+    async def slow_poll(user, queue_id, token=None):
+        result = await original(user, queue_id, token)
+        read_done.set()
+        await asyncio.sleep(5)  # the client vanishes before the answer is written
+        return result
+
+    store.poll = slow_poll
+    request = asyncio.ensure_future(client.get(loc, headers=auth("u1")))
+    await asyncio.wait_for(read_done.wait(), 3)
+    request.cancel()
+    store.poll = original
+    for _ in range(100):
+        await asyncio.sleep(0.02)
+        if not client.app[background_key]:
+            break
+    r = await client.get(loc, headers=auth("u1"))
+    assert r.status == 200 and len(await r.json()) == 2

@@ -33,11 +33,11 @@ async def test_a_repeated_poll_token_is_served_the_same_events(store):
         keyspace.queue_meta(tag, qid),
         keyspace.queue_stream(tag, qid),
     ]
-    first = await store._poll(keys=keys, args=[60000, qid, 2, "tok1"])
-    again = await store._poll(keys=keys, args=[60000, qid, 2, "tok1"])
-    assert [e[0] for e in first[3]] == [e[0] for e in again[3]] and len(first[3]) == 2
-    nxt = await store._poll(keys=keys, args=[60000, qid, 2, "tok2"])
-    assert len(nxt[3]) == 1 and nxt[3][0][0] not in {e[0] for e in first[3]}
+    first = await store.runner.run(store._poll, keys, [60000, qid, 2, "tok1"])
+    again = await store.runner.run(store._poll, keys, [60000, qid, 2, "tok1"])
+    assert [e[0] for e in first[1]] == [e[0] for e in again[1]] and len(first[1]) == 2
+    nxt = await store.runner.run(store._poll, keys, [60000, qid, 2, "tok2"])
+    assert len(nxt[1]) == 1 and nxt[1][0][0] not in {e[0] for e in first[1]}
 
 
 async def test_batch_cap_returns_the_rest_on_the_next_poll(store):

@@ -1,0 +1,119 @@
+"""RespClient against a real server: batching, errors, time-outs, reconnects, SELECT/AUTH."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import redis.exceptions
+from redis.asyncio import Redis
+
+from broker.embedded import EmbeddedRedis
+from broker.resp import RespClient, encode_command
+from broker.scripts import RespRunner, Script
+
+
+def test_commands_are_encoded_as_resp_bulk_arrays():
+    assert encode_command(("SET", b"k", 5)) == b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$1\r\n5\r\n"
+    assert encode_command(("X", "é")) == b"*2\r\n$1\r\nX\r\n$2\r\n\xc3\xa9\r\n"
+
+
+@pytest.fixture
+async def resp(real_redis):
+    client = RespClient(real_redis.url, timeout_s=1.0)
+    yield client
+    await client.aclose()
+
+
+async def test_concurrent_commands_share_one_connection_and_keep_order(resp, real_redis):
+    replies = await asyncio.gather(*[resp.execute("INCR", "n") for _ in range(500)])
+    assert replies == list(range(1, 501))
+    admin = real_redis.client()
+    clients = [c for c in await admin.client_list() if c["cmd"] != "client|list"]
+    assert len(clients) == 1  # one auto-pipelined connection, whatever the concurrency
+
+
+async def test_error_replies_raise_and_leave_the_connection_usable(resp):
+    await resp.execute("SET", "s", "x")
+    with pytest.raises(redis.exceptions.ResponseError, match="WRONGTYPE"):
+        await resp.execute("LPUSH", "s", "y")
+    with pytest.raises(redis.exceptions.NoScriptError):
+        await resp.execute("EVALSHA", "0" * 40, 0)
+    replies = await resp.pipeline(("GET", "s"), ("LPUSH", "s", "y"), ("PING",))
+    assert replies[0] == b"x" and isinstance(replies[1], redis.exceptions.ResponseError)
+    assert replies[2] in (b"PONG", "PONG")
+
+
+async def test_runner_loads_a_missing_script_and_runs_it(resp, real_redis):
+    runner = RespRunner(resp)
+    script = Script("t", "return redis.call('INCRBY', KEYS[1], ARGV[1])")
+    await real_redis.client().script_flush()
+    assert await runner.run(script, ["k"], [3]) == 3
+    assert await runner.run_with_wake(script, ["k"], [4], "u:x") == 7
+    assert await real_redis.client().xlen("brk:{wake}") == 1
+
+
+async def test_a_cancelled_caller_does_not_shift_replies(resp):
+    await resp.execute("SET", "a", "1")
+    slow = asyncio.ensure_future(resp.execute("GET", "a"))
+    slow.cancel()
+    assert await resp.execute("INCR", "b") == 1
+    assert await resp.execute("GET", "a") == b"1"
+
+
+async def test_an_unanswered_command_times_out_and_the_next_one_reconnects(resp, real_redis):
+    await resp.execute("PING")
+    admin = real_redis.client()
+    await admin.execute_command("CLIENT", "PAUSE", "2500", "ALL")
+    with pytest.raises(redis.exceptions.TimeoutError):
+        await resp.execute("PING")
+    await asyncio.sleep(2.6)
+    assert await resp.execute("INCR", "after") == 1
+
+
+async def test_a_restarted_server_fails_pending_commands_then_reconnects(tmp_path):
+    server = EmbeddedRedis(tmp_path / "r", appendonly=False)
+    url = server.start()
+    port = server.port
+    client = RespClient(url, timeout_s=2.0, connect_timeout_s=1.0)
+    try:
+        assert await client.execute("INCR", "x") == 1
+        server.stop()
+        with pytest.raises(redis.exceptions.ConnectionError):
+            await client.execute("INCR", "x")
+        server.port = port
+        server.start()
+        assert await client.execute("INCR", "x") == 1  # a fresh server (no AOF)
+    finally:
+        await client.aclose()
+        server.stop()
+
+
+async def test_url_database_and_password_are_applied(tmp_path):
+    server = EmbeddedRedis(
+        tmp_path / "pw", appendonly=False, extra_args=("--requirepass", "s3cret")
+    )
+    server.start()
+    url = f"redis://:s3cret@127.0.0.1:{server.port}/3"
+    client = RespClient(url)
+    try:
+        await client.execute("SET", "where", "db3")
+        admin = Redis.from_url(url)
+        assert await admin.get("where") == b"db3"
+        assert await admin.execute_command("CLIENT", "INFO") is not None
+        await admin.aclose()
+        wrong = RespClient(f"redis://:nope@127.0.0.1:{server.port}/0")
+        with pytest.raises(redis.exceptions.ResponseError):
+            await wrong.execute("GET", "where")
+        await wrong.aclose()
+    finally:
+        await client.aclose()
+        server.stop()
+
+
+async def test_closed_client_refuses_commands(real_redis):
+    client = RespClient(real_redis.url)
+    await client.execute("PING")
+    await client.aclose()
+    with pytest.raises(redis.exceptions.ConnectionError):
+        await client.execute("PING")

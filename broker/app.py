@@ -13,6 +13,7 @@ from broker import jsonutil, ob
 from broker.api import events, health, publish, queues, subscriptions, wellknown
 from broker.appkeys import (
     background_key,
+    gcstats_key,
     hub_key,
     metrics_key,
     settings_key,
@@ -23,6 +24,7 @@ from broker.appkeys import (
 from broker.auth import TokenVerifier
 from broker.config import Settings
 from broker.errors import AuthError, ConfigError, RequestError, StoreUnavailable
+from broker.gcstats import GcStats
 from broker.hub import Hub
 from broker.metrics import Metrics
 from broker.redisconn import create_blocking_client, create_command_client
@@ -109,6 +111,7 @@ def create_app(
     )
     app[settings_key] = settings
     app[metrics_key] = Metrics()
+    app[gcstats_key] = GcStats()
     app[background_key] = set()
     app[verifier_key] = TokenVerifier.from_settings(settings.auth, settings.data_dir)
     app[signer_key] = Signer.from_settings(settings.signing, settings.data_dir)
@@ -155,6 +158,12 @@ def create_app(
         # Parked polls answer now (with what they have) instead of being cancelled later.
         app[hub_key].release_all()
 
+    async def gc_ctx(app: web.Application) -> AsyncIterator[None]:
+        app[gcstats_key].install()
+        yield
+        app[gcstats_key].uninstall()
+
+    app.cleanup_ctx.append(gc_ctx)
     app.cleanup_ctx.append(redis_ctx)
     app.cleanup_ctx.append(events.ob_ctx)  # after redis_ctx: it uses the command client
     app.on_shutdown.append(release_waiters)

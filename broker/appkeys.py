@@ -10,6 +10,7 @@ from aiohttp import web
 if TYPE_CHECKING:
     from broker.auth import TokenVerifier
     from broker.config import Settings
+    from broker.gcstats import GcStats
     from broker.hub import Hub
     from broker.metrics import Metrics
     from broker.sets import SetStore
@@ -22,6 +23,7 @@ store_key: web.AppKey[QueueStore] = web.AppKey("store")
 hub_key: web.AppKey[Hub] = web.AppKey("hub")
 verifier_key: web.AppKey[TokenVerifier] = web.AppKey("verifier")
 metrics_key: web.AppKey[Metrics] = web.AppKey("metrics")
+gcstats_key: web.AppKey[GcStats] = web.AppKey("gcstats")
 # Tasks that must run to completion after their request was cancelled (client gone).
 background_key: web.AppKey[set[asyncio.Future[object]]] = web.AppKey("background")
 # Open Banking: the SET signer, the SET store and the event subscriptions.

@@ -30,8 +30,24 @@ class ServerSettings:
     # aiohttp's access log halves the request rate; operators turn it on when they need it.
     access_log: bool = False
     shutdown_timeout_s: float = 5.0
+    # Garbage collector (broker/gcstats.py): survivors are frozen this often (0: never), and
+    # everything is collected once this often to reclaim rare cycles (0: never).
+    gc_freeze_interval_s: float = 1.0
+    gc_full_interval_s: float = 3600.0
 
     def check(self) -> None:
+        _require(
+            self.gc_freeze_interval_s >= 0,
+            "server.gc_freeze_interval_s",
+            self.gc_freeze_interval_s,
+            ">= 0",
+        )
+        _require(
+            self.gc_full_interval_s >= 0,
+            "server.gc_full_interval_s",
+            self.gc_full_interval_s,
+            ">= 0",
+        )
         _require(0 <= self.port <= 65535, "server.port", self.port, "a TCP port (0-65535)")
         _require(1 <= self.workers <= 64, "server.workers", self.workers, "between 1 and 64")
 

@@ -26,7 +26,12 @@ class Metrics:
         for f in fields(self):
             lines.append(f"# TYPE broker_{f.name} counter")
             lines.append(f"broker_{f.name} {getattr(self, f.name)}")
+        typed = set()
         for name, value in gauges.items():
-            lines.append(f"# TYPE broker_{name} gauge")
+            family = name.split("{", 1)[0]
+            if family not in typed:
+                typed.add(family)
+                kind = "counter" if family.endswith("_total") else "gauge"
+                lines.append(f"# TYPE broker_{family} {kind}")
             lines.append(f"broker_{name} {value:g}")
         return "\n".join(lines) + "\n"

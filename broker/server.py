@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import multiprocessing
 import os
@@ -21,6 +20,7 @@ from typing import Any
 
 from aiohttp import web
 
+from broker import gcstats
 from broker.app import create_app
 from broker.auth import DevIssuer
 from broker.config import Settings
@@ -35,16 +35,6 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
     except ImportError:
         return asyncio.new_event_loop
     return uvloop.new_event_loop  # type: ignore[no-any-return,unused-ignore]
-
-
-def tune_gc() -> None:
-    """Fewer, later collections: at 10k parked polls the default thresholds cost ms pauses.
-
-    Start-up objects are frozen so collections never walk them again.
-    """
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(50_000, 50, 100)
 
 
 def raise_fd_limit() -> int:
@@ -65,7 +55,20 @@ def run_worker(settings: Settings, *, reuse_port: bool) -> None:
     loop = _loop_factory()()
     asyncio.set_event_loop(loop)
     app = create_app(settings)
-    tune_gc()
+    # The GC policy is process-wide, so the server (not create_app) owns it.
+    policy = gcstats.GcPolicy(
+        settings.server.gc_freeze_interval_s, settings.server.gc_full_interval_s
+    )
+
+    async def start_policy(_app: web.Application) -> None:
+        policy.start()
+
+    async def stop_policy(_app: web.Application) -> None:
+        await policy.stop()
+
+    app.on_startup.append(start_policy)
+    app.on_cleanup.append(stop_policy)
+    gcstats.tune()
     web.run_app(
         app,
         host=settings.server.host,

@@ -35,6 +35,17 @@ test: install
 run: install
 	$(venv)/python -m broker serve --config config/broker.toml
 
+# Benchmark kit (bench/README.md): every issue-4 scenario against the broker and its baselines
+# (trivial aiohttp, in-memory long poll, Nchan). Writes bench/results/<date>.{json,md,png}.
+bench: install
+	$(venv)/pip install --quiet -e '.[dev,fast,bench]'
+	$(venv)/python -m bench.run
+
+# The same in under two minutes (2,000 waiters, shorter runs).
+bench-quick: install
+	$(venv)/pip install --quiet -e '.[dev,fast,bench]'
+	$(venv)/python -m bench.run --quick
+
 all: lint mypy test
 
 clean:

@@ -1,0 +1,97 @@
+"""What a server process costs, read from /proc: RSS, CPU time, TCP connections to Redis."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+_TICK = os.sysconf("SC_CLK_TCK")
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and all its descendants (nginx master + workers, a broker and its children)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(entry.path, "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, ()))
+    return out
+
+
+def rss_bytes(pid: int, *, tree: bool = True) -> int:
+    """Resident memory of the process (and its descendants), from /proc/<pid>/statm."""
+    total = 0
+    for p in process_tree(pid) if tree else [pid]:
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            total += int(Path(f"/proc/{p}/statm").read_text().split()[1]) * _PAGE
+    return total
+
+
+def cpu_seconds(pid: int, *, tree: bool = True) -> float:
+    """user + system CPU seconds consumed so far by the process (and its descendants)."""
+    total = 0
+    for p in process_tree(pid) if tree else [pid]:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15 of stat)
+    return total / _TICK
+
+
+def _socket_inodes(pid: int) -> set[int]:
+    inodes = set()
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return inodes
+    for fd in fds:
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            inodes.add(int(link[8:-1]))
+    return inodes
+
+
+def tcp_connections(pid: int, remote_port: int | None = None, local_port: int | None = None) -> int:
+    """ESTABLISHED TCP sockets owned by the process tree, optionally by remote/local port."""
+    inodes: set[int] = set()
+    for p in process_tree(pid):
+        inodes |= _socket_inodes(p)
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            f = line.split()
+            if f[3] != "01" or int(f[9]) not in inodes:
+                continue
+            if remote_port is not None and int(f[2].rsplit(":", 1)[1], 16) != remote_port:
+                continue
+            if local_port is not None and int(f[1].rsplit(":", 1)[1], 16) != local_port:
+                continue
+            count += 1
+    return count
+
+
+def open_fds(pid: int) -> int:
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return 0

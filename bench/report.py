@@ -1,0 +1,320 @@
+"""Results of a run: the JSON, a Markdown report with the issue-4 targets, and two PNG plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+LABELS = {
+    "broker": "broker (1 worker, Redis)",
+    "memlp": "in-memory aiohttp long poll",
+    "nchan": "Nchan + Redis (1 nginx worker)",
+}
+MB = 1024 * 1024
+
+
+def write(results: dict[str, Any], base: Path) -> list[Path]:
+    files = [base.with_suffix(".json"), base.with_suffix(".md")]
+    results["targets"] = check_targets(results)
+    plots = plot(results, base)
+    results["plots"] = [p.name for p in plots]
+    files[0].write_text(json.dumps(results, indent=1, default=str) + "\n")
+    files[1].write_text(markdown(results))
+    return files + plots
+
+
+def _lp(results: dict[str, Any], name: str) -> dict[str, Any] | None:
+    r = results["long_poll"].get(name)
+    return r if r and "error" not in r else None
+
+
+def check_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each issue-4 target: what was measured on the broker, and whether it is met."""
+    rows: list[dict[str, Any]] = []
+
+    def row(name: str, measured: Any, target: str, met: bool | None) -> None:
+        rows.append({"target": name, "measured": measured, "goal": target, "met": met})
+
+    b = _lp(results, "broker")
+    p = results["params"]
+    if b is None:
+        row("long-poll scenarios", "broker run failed or skipped", "", None)
+    else:
+        idle, wake, hy = b["idle"], b["wake"], b["hygiene"]
+        n = b["waiters"]
+        row(
+            f"1. memory per idle waiter ({n:,} waiters)",
+            f"{idle['kb_per_waiter']} KB",
+            "<= 12 KB",
+            idle["kb_per_waiter"] <= 12,
+        )
+        conns = max(idle["redis_conns"], wake["redis_conns_max"])
+        row("1. Redis connections (idle, and max during the run)", conns, "<= 4", conns <= 4)
+        row(
+            "1. CPU while idle",
+            f"{idle['cpu_pct']}% of a core",
+            "near 0 (<= 2%)",
+            idle["cpu_pct"] <= 2,
+        )
+        lat = wake["latency_ms"]
+        row(
+            f"2. publish-to-response p50 ({p['rate']:.0f}/s for {p['duration_s']:.0f} s)",
+            f"{lat.get('p50')} ms",
+            "<= 1 ms",
+            lat.get("p50", 1e9) <= 1,
+        )
+        row(
+            "2. publish-to-response p99",
+            f"{lat.get('p99')} ms",
+            "<= 3 ms",
+            lat.get("p99", 1e9) <= 3,
+        )
+        bad = {
+            k: wake[k]
+            for k in ("lost", "stranded", "duplicates", "misrouted", "late_1s", "unexpected")
+            if wake[k]
+        }
+        fails = sum(wake["publish_failures"].values()) if wake["publish_failures"] else 0
+        row(
+            "2. every event delivered exactly once, none lost or stranded",
+            f"{wake['delivered']:,}/{wake['published_ok']:,} delivered"
+            + (f"; {bad}" if bad else "")
+            + (f"; {fails} publishes failed" if fails else ""),
+            "all, once",
+            not bad and wake["delivered"] == wake["published_ok"] and not fails,
+        )
+        clear = hy["seconds_to_clear"]
+        row(
+            "5. vanished clients: waiters and connections released",
+            f"{clear} s" if clear is not None else "not within the deadline",
+            f"<= poll.max_wait_s ({hy['deadline_s']:.0f} s)",
+            clear is not None and clear <= hy["deadline_s"],
+        )
+        grown = hy["rss_before"] - hy["rss_start"]
+        kept = hy["rss_after"] - hy["rss_start"]
+        row(
+            "5. memory back near baseline after they vanish",
+            f"{kept / MB:+.1f} MB vs start (peak {grown / MB:+.1f} MB)",
+            "<= 25% of the peak growth kept",
+            grown <= 0 or kept <= 0.25 * grown,
+        )
+        row(
+            "5. Redis connections after they vanish",
+            hy["redis_conns_after"],
+            "<= 4",
+            hy["redis_conns_after"] <= 4,
+        )
+    t = results["throughput"]
+    triv = t.get("trivial", {}).get("rps")
+    for key, label in (
+        ("broker_oxlin_nonempty", "3. short polls, non-empty queues (Oxlin)"),
+        ("broker_oxlin_empty", "3. short polls, empty queues (Oxlin)"),
+        ("broker_ob_nonempty", "3. short polls, non-empty (OB POST /events)"),
+        ("broker_ob_empty", "3. short polls, empty (OB POST /events)"),
+    ):
+        if key in t and triv:
+            ratio = t[key]["rps"] / triv
+            row(
+                label,
+                f"{t[key]['rps']:,.0f} req/s = {ratio:.0%} of trivial",
+                ">= 50%",
+                ratio >= 0.5,
+            )
+    s = results.get("sets", {})
+    if s.get("available") is False:
+        row(
+            "4. SET signing and delivery",
+            "not available (OB endpoints not in this build)",
+            "",
+            None,
+        )
+    elif s:
+        ref = s["pyjwt_ps256_per_s"]
+        pub = s["publish"]["sets_per_s"]
+        row(
+            "4. publish with PS256 signing",
+            f"{pub:,.0f} SETs/s = {pub / ref:.0%} of pyjwt ({ref:,.0f}/s)",
+            ">= 80%",
+            pub >= 0.8 * ref,
+        )
+        d = s["deliver"]
+        row(
+            "4. POST /events maxEvents 100 + acks",
+            f"{d['sets_per_s']:,.0f} SETs/s",
+            ">= 30,000 SETs/s",
+            d["sets_per_s"] >= 30_000,
+        )
+    return rows
+
+
+def _fmt_lat(lat: dict[str, Any]) -> str:
+    if not lat:
+        return "-"
+    return f"{lat['p50']} / {lat['p90']} / {lat['p99']} / {lat['max']:.0f}"
+
+
+def markdown(results: dict[str, Any]) -> str:
+    p = results["params"]
+    m = results.get("machine", {})
+    out = [
+        f"## Benchmark results {results['date']} ({results['mode']} run)",
+        "",
+        f"Machine: {m.get('cpus')} CPUs ({m.get('cpu_model', '?')}), Linux {m.get('kernel')}, "
+        f"Python {m.get('python')}, aiohttp {m.get('aiohttp')}, uvloop {m.get('uvloop', '-')}, "
+        f"{m.get('redis_server', 'Redis ?')}"
+        + (f", nginx {m['nginx']} + nchan {m['nchan']}" if m.get("nginx") else "")
+        + ". Load generator, servers and Redis share the machine.",
+        "",
+        f"Broker: commit {results.get('broker_commit', '?')}.",
+        "",
+        f"Long polls: {p['waiters']:,} waiters, each on its own queue/channel; then "
+        f"{p['rate']:.0f} publishes/s to random waiters for {p['duration_s']:.0f} s. A "
+        f"waiter's first poll asks for {p['max_wait_s']:.0f} s, later ones "
+        f"{p['wait_s'] * (1 - p['jitter']):.0f}-{p['wait_s']:.0f} s (Nchan: a "
+        f"{p['max_wait_s']:.0f} s subscriber timeout); clients re-poll at once, so time-outs "
+        "happen during the run. Then every client vanishes (TCP reset). Lost: not delivered "
+        "by the end of the drain and not found by an immediate read afterwards.",
+        "",
+        "| target | KB / waiter | Redis conns | idle CPU | latency p50 / p90 / p99 / max (ms) "
+        "| delivered | late >1 s | stranded | lost | dup | vanish → released |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name in ("broker", "memlp", "nchan"):
+        r = results["long_poll"].get(name)
+        if r is None:
+            continue
+        if "error" in r:
+            out.append(f"| {LABELS[name]} | failed: {r['error']} |||||||||")
+            continue
+        i, w, h = r["idle"], r["wake"], r["hygiene"]
+        conns = "-" if name == "memlp" else f"{i['redis_conns']} / {w['redis_conns_max']}"
+        out.append(
+            f"| {LABELS[name]} | {i['kb_per_waiter']} | {conns} | {i['cpu_pct']}% | "
+            f"{_fmt_lat(w['latency_ms'])} | {w['delivered']:,} / {w['published_ok']:,} | "
+            f"{w['late_1s']} | {w['stranded']} | {w['lost']} | {w['duplicates']} | "
+            f"{h['seconds_to_clear']} s |"
+        )
+    out += [
+        "",
+        "Short polls (wrk, "
+        f"{p['tput_conns']} connections over {p['tput_queues']} queues, {p['tput_s']:.0f} s each):",
+        "",
+        "| scenario | req/s | vs trivial aiohttp | server CPU |",
+        "|---|---|---|---|",
+    ]
+    t = results["throughput"]
+    triv = t.get("trivial", {}).get("rps") or 0
+    names = {
+        "trivial": "trivial aiohttp handler (204)",
+        "broker_oxlin_nonempty": "broker GET /queues/{id}, non-empty (1 event each)",
+        "broker_oxlin_empty": "broker GET /queues/{id}, empty (204)",
+        "broker_ob_nonempty": "broker POST /events, non-empty (1 SET each)",
+        "broker_ob_empty": "broker POST /events, empty",
+        "memlp_nonempty": "in-memory aiohttp, non-empty",
+        "memlp_empty": "in-memory aiohttp, empty",
+        "nchan_nonempty": "Nchan intervalpoll, from its buffer",
+        "nchan_empty": "Nchan intervalpoll, empty (304)",
+    }
+    for key, r in t.items():
+        extra = ""
+        if r.get("non_2xx_3xx") or r.get("socket_errors"):
+            extra = f" ({r.get('non_2xx_3xx')} non-2xx, {r.get('socket_errors')} socket errors)"
+        if "events_per_poll" in r:
+            extra += f" ({r['events_per_poll']} events/poll)"
+        ratio = f"{r['rps'] / triv:.0%}" if triv else "-"
+        out.append(
+            f"| {names.get(key, key)}{extra} | {r['rps']:,.0f} | {ratio} | "
+            f"{r.get('server_cpu_pct', '-')}% |"
+        )
+    s = results.get("sets", {})
+    out.append("")
+    if s.get("available") is False:
+        out.append(
+            f"SETs: OB endpoints not available in this build (pyjwt PS256 reference: "
+            f"{s['pyjwt_ps256_per_s']:,.0f} signatures/s on one core)."
+        )
+    elif s:
+        pub, d = s["publish"], s["deliver"]
+        out.append(
+            f"SETs: publish {pub['sets']:,} SETs (batches of 100, PS256): "
+            f"{pub['sets_per_s']:,.0f}/s ({pub['sets_per_cpu_s']:,.0f} per broker CPU-second; "
+            f"pyjwt alone signs {s['pyjwt_ps256_per_s']:,.0f}/s on one core). "
+            f"Delivery with POST /events maxEvents 100 + acks: {d['sets_per_s']:,.0f} SETs/s "
+            f"({d['delivered']:,} delivered, {d['duplicates']} duplicates)."
+        )
+    out += [
+        "",
+        "Issue-4 targets (broker):",
+        "",
+        "| target | measured | goal | met |",
+        "|---|---|---|---|",
+    ]
+    for r in results.get("targets", []):
+        met = {True: "yes", False: "**no**", None: "n/a"}[r["met"]]
+        out.append(f"| {r['target']} | {r['measured']} | {r['goal']} | {met} |")
+    if results.get("notes"):
+        out += ["", "Notes:", ""] + [f"- {n}" for n in results["notes"]]
+    if results.get("plots"):
+        out += [""] + [f"![{p}]({p})" for p in results["plots"]]
+    return "\n".join(out) + "\n"
+
+
+def plot(results: dict[str, Any], base: Path) -> list[Path]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        results.setdefault("notes", []).append("matplotlib missing: no plots")
+        return []
+    files = []
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name in ("broker", "memlp", "nchan"):
+        r = _lp(results, name)
+        if r is None or not r["wake"]["cdf"]:
+            continue
+        xs = [max(x, 1e-3) for x, _f in r["wake"]["cdf"]]
+        ys = [f for _x, f in r["wake"]["cdf"]]
+        ax.plot(xs, ys, label=LABELS[name])
+    ax.set_xscale("log")
+    ax.set_xlabel("publish-to-response latency (ms, log)")
+    ax.set_ylabel("fraction of events")
+    p = results["params"]
+    ax.set_title(
+        f"Wake-up latency: {p['waiters']:,} waiters, {p['rate']:.0f} publishes/s "
+        f"({results['mode']})"
+    )
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    f = base.with_name(base.name + "-latency-cdf.png")
+    fig.tight_layout()
+    fig.savefig(f, dpi=110)
+    plt.close(fig)
+    files.append(f)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name in ("broker", "memlp", "nchan"):
+        r = _lp(results, name)
+        if r is None:
+            continue
+        start = r["idle"]["rss_start"]
+        curve = r["idle"]["curve"]
+        ax.plot(
+            [0] + [c["waiters"] for c in curve],
+            [0] + [(c["rss"] - start) / MB for c in curve],
+            marker="o",
+            label=LABELS[name],
+        )
+    ax.set_xlabel("waiting long polls")
+    ax.set_ylabel("server RSS growth (MB)")
+    ax.set_title(f"Memory vs waiters ({results['mode']})")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    f = base.with_name(base.name + "-memory.png")
+    fig.tight_layout()
+    fig.savefig(f, dpi=110)
+    plt.close(fig)
+    files.append(f)
+    return files

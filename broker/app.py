@@ -52,7 +52,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     middleware rather than two: a parked long poll holds a coroutine frame per middleware,
     and there are tens of thousands of them.
     """
-    if ob.is_ob_path(request.path):
+    # raw_path: request.path would decode and cache a URL path on every parked poll.
+    if ob.is_ob_path(request.raw_path.partition("?")[0]):
         return await ob.ob_middleware(request, handler)
     try:
         return await handler(request)

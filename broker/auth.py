@@ -63,7 +63,9 @@ class TokenVerifier:
             raise ConfigError("Config 'auth.jwks_file' holds no usable signing key.")
         self._keys = keys
         self._settings = settings
-        self._cache: dict[str, Principal] = {}
+        # Keyed by a 16-byte digest of the token, not the token: a parked poll's token is
+        # already held by its request, and tens of thousands of second copies add up.
+        self._cache: dict[bytes, Principal] = {}
 
     @classmethod
     def from_settings(cls, settings: AuthSettings, data_dir: Path) -> TokenVerifier:
@@ -75,7 +77,8 @@ class TokenVerifier:
     def verify(self, token: str) -> Principal:
         """Return the token's principal, or raise AuthError saying what is wrong."""
         now = time.time()
-        cached = self._cache.get(token)
+        key = hashlib.blake2b(token.encode(), digest_size=16).digest()
+        cached = self._cache.get(key)
         if cached is not None and cached.expires_at > now:
             return cached
         principal = self._decode(token)
@@ -83,7 +86,7 @@ class TokenVerifier:
         if self._settings.token_cache_s > 0:
             if len(self._cache) >= _CACHE_MAX:
                 self._cache.clear()  # crude but bounded; refills with live tokens
-            self._cache[token] = Principal(
+            self._cache[key] = Principal(
                 principal.sub, principal.scopes, principal.client_id, cache_until
             )
         return principal

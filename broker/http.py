@@ -7,6 +7,7 @@ import logging
 import re
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
+from urllib.parse import unquote_plus
 
 from aiohttp import web
 
@@ -56,7 +57,9 @@ async def read_json(request: web.Request, *, lenient_type: bool = False) -> Any:
 
 def requested_wait(request: web.Request, max_wait_s: float) -> float:
     """Seconds to hold a poll: `?wait=N` or `Prefer: wait=N` (RFC 7240), capped; 0 if none."""
-    raw = request.query.get("wait")
+    # From the raw request target: request.query (and .query_string) would cache parsed
+    # objects on every parked request.
+    raw = _query_param(request.raw_path.partition("?")[2], "wait")
     source = "wait"
     if raw is None:
         m = _PREFER_WAIT.search(request.headers.get("Prefer", ""))
@@ -72,6 +75,18 @@ def requested_wait(request: web.Request, max_wait_s: float) -> float:
     if not wait >= 0:  # also rejects NaN
         raise InvalidRequest(f"{source} must be >= 0, got {raw!r}", path="wait")
     return min(wait, max_wait_s)
+
+
+def _query_param(query: str, name: str) -> str | None:
+    if not query:
+        return None
+    prefix = name + "="
+    for part in query.split("&"):
+        if part.startswith(prefix):
+            return unquote_plus(part[len(prefix) :])
+        if part == name:
+            return ""
+    return None
 
 
 async def finish(

@@ -38,7 +38,7 @@ class Waiter:
     tens of thousands of these are alive at once.
     """
 
-    __slots__ = ("_future", "_group", "_hub", "_loop", "tag")
+    __slots__ = ("_future", "_group", "_hub", "_loop", "_timer", "tag")
 
     def __init__(self, hub: Hub, tag: str, loop: asyncio.AbstractEventLoop) -> None:
         self._hub = hub
@@ -46,6 +46,7 @@ class Waiter:
         self._loop = loop
         self._future: asyncio.Future[bool] = loop.create_future()
         self._group: set[Waiter] | None = None
+        self._timer: asyncio.TimerHandle | None = None
 
     def __enter__(self) -> Waiter:
         self._group = self._hub._register(self)
@@ -53,6 +54,7 @@ class Waiter:
 
     def __exit__(self, *exc: object) -> None:
         # Runs however the block ends, a cancel (client gone) included.
+        self._cancel_timer()
         if self._group is not None:
             self._hub._unregister(self, self._group)
             self._group = None
@@ -60,24 +62,38 @@ class Waiter:
     def arm(self) -> None:
         """Get ready for the next hint; call before re-reading the stream."""
         if self._future.done():
+            self._cancel_timer()
             self._future = self._loop.create_future()
 
     def wake(self) -> None:
         if not self._future.done():
             self._future.set_result(True)
+            self._cancel_timer()
 
-    async def wait(self, timeout: float) -> bool:  # noqa: ASYNC109 - see below
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def until(self, timeout: float) -> asyncio.Future[bool]:
+        """A future that resolves True when woken, False after `timeout` seconds.
+
+        A plain method handing back the future (not a coroutine): a parked poll then holds no
+        extra coroutine frame, which counts at tens of thousands of them. The timer is a
+        call_later on the future itself, cancelled by wake() and on exit.
+        """
+        future = self._future
+        if not future.done():
+            if timeout <= 0:
+                future.set_result(False)
+            else:
+                self._cancel_timer()
+                self._timer = self._loop.call_later(timeout, _expire, future)
+        return future
+
+    async def wait(self, timeout: float) -> bool:  # noqa: ASYNC109 - a timer, not a scope
         """Sleep until woken or `timeout` seconds pass; True if woken."""
-        if self._future.done():
-            return True
-        if timeout <= 0:
-            return False
-        # call_later + a bare future: no Task and no wait_for wrapper per waiter.
-        handle = self._loop.call_later(timeout, _expire, self._future)
-        try:
-            return await self._future
-        finally:
-            handle.cancel()
+        return await self.until(timeout)
 
 
 def _expire(future: asyncio.Future[bool]) -> None:
@@ -98,11 +114,17 @@ class Hub:
         self.hints = 0
         # Set at shutdown: parked polls answer with what they have instead of waiting on.
         self.closing = False
+        self._stopping = False
 
     @property
     def waiting(self) -> int:
         """Polls parked in this process right now."""
         return self._count
+
+    @property
+    def stopping(self) -> bool:
+        """aclose() was called: the reader ends at its next turn."""
+        return self._stopping
 
     @property
     def running(self) -> bool:
@@ -116,6 +138,7 @@ class Hub:
         self._ready.set()
 
     async def aclose(self) -> None:
+        self._stopping = True
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -157,7 +180,9 @@ class Hub:
 
     async def _run(self) -> None:
         backoff = 0.05
-        while True:
+        # Checked on every turn: redis-py can swallow a cancel that lands inside a blocking
+        # read (returning or raising something else), so cancel() alone may not stop us.
+        while not self.stopping:
             try:
                 reply = await self.redis.xread(
                     {keyspace.WAKE_STREAM: self._last_id}, count=1000, block=self.block_ms
@@ -165,6 +190,11 @@ class Hub:
             except asyncio.CancelledError:
                 raise
             except (redis.exceptions.RedisError, OSError) as e:
+                # redis-py may turn a cancel that lands inside a blocking read into a
+                # connection error; never mistake our own shutdown for an outage.
+                task = asyncio.current_task()
+                if self.stopping or (task is not None and task.cancelling()):
+                    raise asyncio.CancelledError from e
                 self.reconnects += 1
                 log.warning("hub: wake-up stream read failed (%s); retrying in %.2fs", e, backoff)
                 # Hints may have been missed while Redis was away: everyone re-reads.

@@ -175,7 +175,7 @@ async def poll_events(request: web.Request) -> web.Response:
                 # A lease ending makes a SET deliverable without any publish: wake for it.
                 if outcome.next_lease_s is not None:
                     remaining = min(remaining, outcome.next_lease_s + 0.005)
-                await waiter.wait(remaining)
+                await waiter.until(remaining)
 
     metrics = app[metrics_key]
     metrics.event_polls_total += 1

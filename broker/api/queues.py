@@ -57,7 +57,7 @@ async def poll(request: web.Request) -> web.Response:
                 remaining = deadline - loop.time()
                 if result.count or remaining <= 0 or hub.closing or client_gone(request):
                     break
-                await waiter.wait(remaining)
+                await waiter.until(remaining)
 
     metrics = app[metrics_key]
     metrics.queue_polls_total += 1

@@ -165,7 +165,9 @@ def test_verified_tokens_are_cached_until_expiry(verifier):
     t = jwt.encode(_claims(exp=int(time.time()) + 5), ED, algorithm="EdDSA", headers={"kid": "ed"})
     first = v.verify(t)
     assert v.verify(t) is not first  # the cached copy, bounded by token_cache_s
-    assert v._cache[t].expires_at <= first.expires_at
+    (cached,) = v._cache.values()
+    assert cached.expires_at <= first.expires_at
+    assert t.encode() not in v._cache and len(next(iter(v._cache))) == 16
 
 
 def test_dev_issuer_key_is_created_once_and_its_tokens_verify(tmp_path):

@@ -8,7 +8,7 @@ import fakeredis
 import pytest
 
 from broker import keyspace
-from broker.hub import Hub
+from broker.hub import Hub, _expire
 
 
 @pytest.fixture
@@ -69,16 +69,44 @@ async def test_release_all_wakes_everyone_and_marks_closing(hub):
         assert hub.closing
 
 
-async def test_the_reader_starts_after_existing_hints(hub):
+async def test_the_reader_starts_after_existing_hints(real_redis):
     """Hints published before start are history: a new waiter is not woken by them."""
-    server = fakeredis.FakeServer()
-    redis = fakeredis.FakeAsyncRedis(server=server)
-    await redis.xadd(keyspace.WAKE_STREAM, {"t": "u:a"})
-    late = Hub(fakeredis.FakeAsyncRedis(server=server), block_ms=100)
+    writer = real_redis.client()
+    await writer.xadd(keyspace.WAKE_STREAM, {"t": "u:a"})
+    late = Hub(real_redis.client(), block_ms=100)
     await late.start()
     with late.watch("u:a") as w:
         assert await w.wait(0.3) is False
-        await redis.xadd(keyspace.WAKE_STREAM, {"t": "u:a"})
+        w.arm()
+        await writer.xadd(keyspace.WAKE_STREAM, {"t": "u:a"})
         assert await w.wait(2) is True
     await late.aclose()
-    await redis.aclose()
+
+
+async def test_a_fired_timer_needs_arm_before_the_next_wait(hub):
+    with hub.watch("u:a") as w:
+        assert await w.until(0.01) is False
+        assert await w.until(5) is False  # still the expired future: no new wait without arm
+        w.arm()
+        hub.wake("u:a")
+        assert await w.until(5) is True
+
+
+async def test_wake_and_exit_cancel_the_timer(hub):
+    loop = asyncio.get_running_loop()
+
+    def live_waiter_timers() -> int:
+        scheduled: list[asyncio.TimerHandle] = loop._scheduled  # type: ignore[attr-defined]
+        return len(
+            [h for h in scheduled if not h.cancelled() and getattr(h, "_callback", None) is _expire]
+        )
+
+    with hub.watch("u:a") as w:
+        w.until(30)
+        assert live_waiter_timers() == 1
+        hub.wake("u:a")
+        assert live_waiter_timers() == 0
+    with hub.watch("u:b") as w2:
+        w2.until(30)
+        assert live_waiter_timers() == 1
+    assert live_waiter_timers() == 0

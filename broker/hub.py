@@ -121,7 +121,6 @@ class Hub:
         """Polls parked in this process right now."""
         return self._count
 
-    @property
     def stopping(self) -> bool:
         """aclose() was called: the reader ends at its next turn."""
         return self._stopping
@@ -182,7 +181,7 @@ class Hub:
         backoff = 0.05
         # Checked on every turn: redis-py can swallow a cancel that lands inside a blocking
         # read (returning or raising something else), so cancel() alone may not stop us.
-        while not self.stopping:
+        while not self.stopping():
             try:
                 reply = await self.redis.xread(
                     {keyspace.WAKE_STREAM: self._last_id}, count=1000, block=self.block_ms
@@ -193,7 +192,7 @@ class Hub:
                 # redis-py may turn a cancel that lands inside a blocking read into a
                 # connection error; never mistake our own shutdown for an outage.
                 task = asyncio.current_task()
-                if self.stopping or (task is not None and task.cancelling()):
+                if self.stopping() or (task is not None and task.cancelling()):
                     raise asyncio.CancelledError from e
                 self.reconnects += 1
                 log.warning("hub: wake-up stream read failed (%s); retrying in %.2fs", e, backoff)

@@ -30,6 +30,9 @@ class ServerSettings:
     # aiohttp's access log halves the request rate; operators turn it on when they need it.
     access_log: bool = False
     shutdown_timeout_s: float = 5.0
+    # Listen backlog: aiohttp's default (128) overflows when thousands of pollers reconnect at
+    # once (after a deploy); the kernel caps it at net.core.somaxconn.
+    backlog: int = 4096
     # Garbage collector (broker/gcstats.py): survivors are frozen this often (0: never), and
     # everything is collected once this often to reclaim rare cycles (0: never).
     gc_freeze_interval_s: float = 1.0
@@ -50,6 +53,7 @@ class ServerSettings:
         )
         _require(0 <= self.port <= 65535, "server.port", self.port, "a TCP port (0-65535)")
         _require(1 <= self.workers <= 64, "server.workers", self.workers, "between 1 and 64")
+        _require(1 <= self.backlog <= 65535, "server.backlog", self.backlog, "between 1 and 65535")
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from aiohttp import web
 
 from broker import gcstats
 from broker.app import create_app
+from broker.appkeys import hub_key
 from broker.auth import DevIssuer
 from broker.config import Settings
 from broker.embedded import EmbeddedRedis
@@ -57,7 +58,9 @@ def run_worker(settings: Settings, *, reuse_port: bool) -> None:
     app = create_app(settings)
     # The GC policy is process-wide, so the server (not create_app) owns it.
     policy = gcstats.GcPolicy(
-        settings.server.gc_freeze_interval_s, settings.server.gc_full_interval_s
+        settings.server.gc_freeze_interval_s,
+        settings.server.gc_full_interval_s,
+        load=lambda: app[hub_key].waiting if hub_key in app else 0,
     )
 
     async def start_policy(_app: web.Application) -> None:
@@ -74,6 +77,7 @@ def run_worker(settings: Settings, *, reuse_port: bool) -> None:
         host=settings.server.host,
         port=settings.server.port,
         reuse_port=reuse_port,
+        backlog=settings.server.backlog,
         handler_cancellation=True,
         shutdown_timeout=settings.server.shutdown_timeout_s,
         access_log=log if settings.server.access_log else None,

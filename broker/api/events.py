@@ -144,14 +144,14 @@ async def poll_events(request: web.Request) -> web.Response:
 
     async def step(first: bool) -> PollOutcome:
         # Acks and nacks ride on the first step only: applied exactly once per request.
-        return await finish(
-            request,
-            lambda: store.poll(
-                client,
-                limit=limit,
-                ack=poll.ack if first else (),
-                set_errs=poll.set_errs if first else None,
-            ),
+        # Not shielded (no task per poll): if the client vanishes mid-call the script still
+        # runs or not, and either is safe: acks are idempotent and a SET selected for an
+        # answer that is never sent stays unacked, so it is delivered again.
+        return await store.poll(
+            client,
+            limit=limit,
+            ack=poll.ack if first else (),
+            set_errs=poll.set_errs if first else None,
         )
 
     if wait <= 0:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 import uuid
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from broker.config import AuthSettings
 from broker.errors import AuthError, ConfigError, Forbidden
+from broker.keyfiles import create_once, pem_of
 
 DEV_ISSUER = "urn:broker:dev-issuer"
 DEV_KEY_NAME = "dev-issuer.pem"
@@ -211,26 +211,7 @@ class DevIssuer:
     @classmethod
     def load_or_create(cls, data_dir: Path) -> DevIssuer:
         path = data_dir / DEV_KEY_NAME
-        data_dir.mkdir(parents=True, exist_ok=True)
-        if not path.exists():
-            pem = ed25519.Ed25519PrivateKey.generate().private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-            # O_EXCL: two processes starting together agree on one key.
-            try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            except FileExistsError:
-                pass
-            else:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(pem)
-        for _ in range(50):
-            data = path.read_bytes()
-            if data:
-                break
-            time.sleep(0.01)  # the other process is still writing it
+        data = create_once(path, lambda: pem_of(ed25519.Ed25519PrivateKey.generate()))
         key = serialization.load_pem_private_key(data, password=None)
         if not isinstance(key, ed25519.Ed25519PrivateKey):
             raise ConfigError(f"Dev issuer key '{path}' is not an Ed25519 key; delete it.")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from broker import jsonutil
 from broker.config import SigningSettings
 from broker.errors import SigningError
+from broker.keyfiles import create_once, pem_of
 
 ALGORITHM = "PS256"
 DEV_KEY_NAME = "set-signing.pem"
@@ -146,25 +146,9 @@ def thumbprint(key: rsa.RSAPublicKey) -> str:
 def load_or_create_dev_key(data_dir: Path) -> rsa.RSAPrivateKey:
     """The development signing key: RSA-2048, generated once under data_dir (mode 0600)."""
     path = data_dir / DEV_KEY_NAME
-    data_dir.mkdir(parents=True, exist_ok=True)
-    if not path.exists():
-        pem = rsa.generate_private_key(public_exponent=65537, key_size=2048).private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-        # O_EXCL: worker processes starting together agree on one key.
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            pass
-        else:
-            with os.fdopen(fd, "wb") as f:
-                f.write(pem)
-    for _ in range(100):
-        if path.stat().st_size:
-            break
-        time.sleep(0.01)  # another process is still writing it
+    create_once(
+        path, lambda: pem_of(rsa.generate_private_key(public_exponent=65537, key_size=2048))
+    )
     return _load_private(path)
 
 

@@ -190,3 +190,22 @@ def test_jwks_without_usable_keys_is_a_config_error(tmp_path):
     path.write_text("not json")
     with pytest.raises(ConfigError, match=r"auth\.jwks_file"):
         TokenVerifier.from_settings(AuthSettings(jwks_file=str(path)), tmp_path)
+
+
+def test_key_file_is_created_once_and_never_seen_half_written(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from broker.keyfiles import create_once
+
+    calls = []
+
+    def make() -> bytes:
+        calls.append(1)
+        return b"K" * 4096 + str(len(calls)).encode()
+
+    path = tmp_path / "k" / "key.pem"
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda _: create_once(path, make), range(16)))
+    assert len(set(results)) == 1 and len(results[0]) > 4096  # one winner, read whole
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+    assert [p.name for p in path.parent.iterdir()] == ["key.pem"]  # no temp files left

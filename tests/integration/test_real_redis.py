@@ -75,8 +75,9 @@ async def test_an_app_keeps_at_most_four_redis_connections_whatever_the_waiters(
         await asyncio.sleep(0.02)
     assert a.app[hub_key].waiting == 60
     clients = await admin.client_list()
-    # max_connections (3) pooled + 1 blocking hub reader, plus the admin client asking
-    assert len(clients) - 1 <= settings.redis.max_connections + 1
+    # pooled redis-py (max_connections) + the auto-pipelined RESP connection + the blocking
+    # hub reader, plus the admin client asking
+    assert len(clients) - 1 <= settings.redis.max_connections + 2 == 4
     await publish(a, auth, "user7", connection_event())
     r = await polls[7]
     assert r.status == 200

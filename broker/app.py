@@ -18,6 +18,7 @@ from broker.appkeys import (
     metrics_key,
     settings_key,
     signer_key,
+    signing_pool_key,
     store_key,
     verifier_key,
 )
@@ -30,7 +31,7 @@ from broker.metrics import Metrics
 from broker.redisconn import create_blocking_client, create_command_client
 from broker.resp import RespClient
 from broker.scripts import RedisPyRunner, RespRunner, ScriptRunner
-from broker.signing import Signer
+from broker.signing import Signer, SigningPool
 from broker.store import QueueStore
 
 log = logging.getLogger(__name__)
@@ -116,6 +117,21 @@ def create_app(
     app[background_key] = set()
     app[verifier_key] = TokenVerifier.from_settings(settings.auth, settings.data_dir)
     app[signer_key] = Signer.from_settings(settings.signing, settings.data_dir)
+    app[signing_pool_key] = None
+
+    async def signing_ctx(app: web.Application) -> AsyncIterator[None]:
+        if settings.signing.processes <= 0:
+            yield
+            return
+        pool = SigningPool(settings.signing, settings.data_dir, settings.signing.processes)
+        await asyncio.get_running_loop().run_in_executor(None, pool.warm_up)
+        app[signing_pool_key] = pool
+        try:
+            yield
+        finally:
+            await asyncio.get_running_loop().run_in_executor(None, pool.close)
+
+    app.cleanup_ctx.append(signing_ctx)
 
     async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
         command = redis or create_command_client(settings.redis.url, settings.redis)

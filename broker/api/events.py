@@ -24,6 +24,7 @@ from broker.appkeys import (
     sets_key,
     settings_key,
     signer_key,
+    signing_pool_key,
     store_key,
     subscriptions_key,
 )
@@ -36,8 +37,6 @@ from broker.subscriptions import SubscriptionStore
 
 routes = web.RouteTableDef()
 log = logging.getLogger(__name__)
-# Batches this large are signed on a thread (PS256 costs ~250 µs a SET) to keep the loop free.
-_SIGN_IN_THREAD = 16
 
 
 async def ob_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -76,11 +75,13 @@ async def publish_sets(request: web.Request) -> web.Response:
             raise PayloadTooLarge(
                 f"SET[{i}] is over {settings.publish.max_event_bytes} bytes", path=f"[{i}]"
             )
-    signer = app[signer_key]
-    if len(claims) >= _SIGN_IN_THREAD:
-        jws = await asyncio.to_thread(_sign_all, signer, claims)
+    pool = app[signing_pool_key]
+    if pool is not None:
+        jws = await pool.sign(claims)
     else:
-        jws = _sign_all(signer, claims)
+        # Inline (signing.processes = 0). Not on a thread: cryptography holds the GIL while
+        # it signs, so a thread would only preempt the event loop in 5 ms slices.
+        jws = _sign_all(app[signer_key], claims)
     signed = [
         SignedSet(c["jti"], j, s.event_codes) for c, j, s in zip(claims, jws, inputs, strict=True)
     ]

@@ -208,6 +208,8 @@ class SigningPool:
     inline signing blocks it ~250 µs per SET: at 500 SETs/s that was a quarter of the
     loop's busy time, paid by every parked poll's wake-up. Each worker loads the same key
     (the parent created it first, so the dev key is shared) and keeps the parsed key object.
+    Measured on 2 cores shared with Redis and the load, it was slower than inline (the
+    worker competes for the cores, the executor's thread for the GIL), hence opt-in.
     """
 
     def __init__(self, settings: SigningSettings, data_dir: Path, processes: int) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -25,7 +25,7 @@ verifier_key: web.AppKey[TokenVerifier] = web.AppKey("verifier")
 metrics_key: web.AppKey[Metrics] = web.AppKey("metrics")
 gcstats_key: web.AppKey[GcStats] = web.AppKey("gcstats")
 # Tasks that must run to completion after their request was cancelled (client gone).
-background_key: web.AppKey[set[asyncio.Future[object]]] = web.AppKey("background")
+background_key: web.AppKey[set[asyncio.Future[Any]]] = web.AppKey("background")
 # Open Banking: the SET signer, the SET store and the event subscriptions.
 signer_key: web.AppKey[Signer] = web.AppKey("signer")
 # Worker processes that sign SETs, when signing.processes > 0.

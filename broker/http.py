@@ -89,34 +89,30 @@ def _query_param(query: str, name: str) -> str | None:
     return None
 
 
-async def finish(
-    request: web.Request,
-    factory: Callable[[], Coroutine[Any, Any, T]],
-    on_abandon: Callable[[T], Coroutine[Any, Any, Any]] | None = None,
-) -> T:
+def in_background(request: web.Request, work: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+    """Run `work` to completion whatever happens to the request; shutdown waits for it."""
+    tasks = request.app[background_key]
+    task = asyncio.ensure_future(work)
+    tasks.add(task)
+
+    def settled(done: asyncio.Future[Any]) -> None:
+        tasks.discard(done)
+        # Nobody may be left to await it (its request was cancelled): report failures here.
+        if not done.cancelled() and done.exception() is not None:
+            log.warning("background Redis step failed: %r", done.exception())
+
+    task.add_done_callback(settled)
+    return task
+
+
+async def finish(request: web.Request, factory: Callable[[], Coroutine[Any, Any, T]]) -> T:
     """Run a Redis step that must complete even if the client goes away meanwhile.
 
     aiohttp cancels the handler when its client disconnects (handler_cancellation); a cancel
-    landing inside a script call would leave us not knowing whether it ran. The step runs in
-    a shielded task; if the handler is cancelled, the task still completes and `on_abandon`
-    gets its result (e.g. to hand consumed events back).
+    landing inside a script call would leave us not knowing whether it ran (and a redis-py
+    pipeline cut short can leak its connection). The step runs shielded, in the background.
     """
-    task = asyncio.ensure_future(factory())
-    try:
-        return await asyncio.shield(task)
-    except asyncio.CancelledError:
-        if on_abandon is not None:
-            tasks = request.app[background_key]
-
-            def _after(t: asyncio.Future[T]) -> None:
-                if t.cancelled() or t.exception() is not None:
-                    return
-                follow = asyncio.ensure_future(on_abandon(t.result()))
-                tasks.add(follow)
-                follow.add_done_callback(tasks.discard)
-
-            task.add_done_callback(_after)
-        raise
+    return await asyncio.shield(in_background(request, factory()))
 
 
 def client_gone(request: web.Request) -> bool:

@@ -203,11 +203,6 @@ class QueueStore:
         await self.redis.aclose(close_connection_pool=True)
 
 
-def add_wake(pipe: Any, tag: str) -> None:
-    """Queue the wake-up hint for `tag` on a pipeline (see hub.Hub)."""
-    pipe.xadd(keyspace.WAKE_STREAM, {"t": tag}, maxlen=keyspace.WAKE_MAXLEN, approximate=True)
-
-
 def _events_array(entries: list[Any]) -> bytes:
     """Build the JSON array from stored entries without decoding them.
 

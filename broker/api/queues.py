@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
-from typing import Any
 
 from aiohttp import web
 
 from broker import jsonutil, keyspace, oxlin
-from broker.appkeys import background_key, hub_key, metrics_key, settings_key, store_key
+from broker.appkeys import hub_key, metrics_key, settings_key, store_key
 from broker.errors import NotFound
-from broker.http import authenticate, client_gone, finish, read_json, requested_wait
+from broker.http import (
+    authenticate,
+    client_gone,
+    finish,
+    in_background,
+    read_json,
+    requested_wait,
+)
 from broker.store import PollResult, QueueStore, new_poll_token
 
 routes = web.RouteTableDef()
@@ -83,16 +88,9 @@ async def _consume(request: web.Request, store: QueueStore, user: str, queue_id:
     except asyncio.CancelledError:
         # The client left while we read. The script may have run (a sent command runs
         # whatever happens to its caller), so undo it by its token; a no-op if it did not.
-        _in_background(request, store.rewind(user, queue_id, token))
+        in_background(request, store.rewind(user, queue_id, token))
         request.app[metrics_key].queue_rewinds_total += 1
         raise
     if result is None:
         raise NotFound(f"queue {queue_id!r} does not exist or has expired", code="queue_not_found")
     return result
-
-
-def _in_background(request: web.Request, work: Coroutine[Any, Any, Any]) -> None:
-    tasks = request.app[background_key]
-    task = asyncio.ensure_future(work)
-    tasks.add(task)
-    task.add_done_callback(tasks.discard)

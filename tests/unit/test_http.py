@@ -1,0 +1,72 @@
+"""Request helpers: shielded Redis steps, background work, the wait parameter."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import make_mocked_request
+
+from broker.appkeys import background_key
+from broker.errors import InvalidRequest
+from broker.http import finish, in_background, requested_wait
+
+
+def _request(path: str = "/", headers: dict[str, str] | None = None) -> web.Request:
+    app = web.Application()
+    app[background_key] = set()
+    return make_mocked_request("GET", path, headers=headers or {}, app=app)
+
+
+async def test_finish_completes_its_step_when_the_caller_is_cancelled():
+    request = _request()
+    done = []
+
+    async def step() -> str:
+        await asyncio.sleep(0.05)
+        done.append(1)
+        return "ok"
+
+    caller = asyncio.ensure_future(finish(request, step))
+    await asyncio.sleep(0.01)
+    caller.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    assert request.app[background_key]  # still running, tracked for shutdown
+    await asyncio.sleep(0.1)
+    assert done == [1] and not request.app[background_key]
+
+
+async def test_a_failing_background_step_is_logged_and_forgotten(caplog):
+    request = _request()
+
+    async def boom() -> None:
+        raise RuntimeError("redis went away")
+
+    with caplog.at_level(logging.WARNING, logger="broker.http"):
+        task = in_background(request, boom())
+        await asyncio.sleep(0.01)
+    assert task.done() and not request.app[background_key]
+    assert "redis went away" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("path", "headers", "expected"),
+    [
+        ("/q", {}, 0.0),
+        ("/q?wait=2.5", {}, 2.5),
+        ("/q?x=1&wait=99", {}, 30.0),
+        ("/q", {"Prefer": "respond-async, wait=4"}, 4.0),
+        ("/q?wait=1", {"Prefer": "wait=4"}, 1.0),
+    ],
+)
+def test_requested_wait(path, headers, expected):
+    assert requested_wait(_request(path, headers), 30.0) == expected
+
+
+@pytest.mark.parametrize("path", ["/q?wait=", "/q?wait=soon", "/q?wait=-1", "/q?wait=nan"])
+def test_bad_wait_is_invalid(path):
+    with pytest.raises(InvalidRequest):
+        requested_wait(_request(path), 30.0)

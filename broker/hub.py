@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import logging
+import math
 from typing import Any
 
 import redis.exceptions
@@ -35,60 +37,58 @@ class Waiter:
     """One parked poll: a context manager that registers with the hub for its lifetime.
 
     Holds one future at a time; `arm` replaces it once it has fired. Kept small on purpose:
-    tens of thousands of these are alive at once.
+    tens of thousands of these are alive at once, so it has no timer of its own either (the
+    hub's deadline buckets expire it).
     """
 
-    __slots__ = ("_future", "_group", "_hub", "_loop", "_timer", "tag")
+    __slots__ = ("_future", "_hub", "_tick", "tag")
 
-    def __init__(self, hub: Hub, tag: str, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, hub: Hub, tag: str, future: asyncio.Future[bool]) -> None:
         self._hub = hub
         self.tag = tag
-        self._loop = loop
-        self._future: asyncio.Future[bool] = loop.create_future()
-        self._group: set[Waiter] | None = None
-        self._timer: asyncio.TimerHandle | None = None
+        self._future = future
+        self._tick = 0  # the deadline bucket this waiter sits in; 0: none
 
     def __enter__(self) -> Waiter:
-        self._group = self._hub._register(self)
+        self._hub._register(self)
         return self
 
     def __exit__(self, *exc: object) -> None:
         # Runs however the block ends, a cancel (client gone) included.
-        self._cancel_timer()
-        if self._group is not None:
-            self._hub._unregister(self, self._group)
-            self._group = None
+        hub = self._hub
+        if self._tick:
+            hub._unschedule(self)
+        hub._unregister(self)
 
     def arm(self) -> None:
         """Get ready for the next hint; call before re-reading the stream."""
         if self._future.done():
-            self._cancel_timer()
-            self._future = self._loop.create_future()
+            if self._tick:
+                self._hub._unschedule(self)
+            self._future = self._future.get_loop().create_future()
 
     def wake(self) -> None:
         if not self._future.done():
             self._future.set_result(True)
-            self._cancel_timer()
+        if self._tick:
+            self._hub._unschedule(self)
 
-    def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+    def _expire(self) -> None:
+        if not self._future.done():
+            self._future.set_result(False)
 
     def until(self, timeout: float) -> asyncio.Future[bool]:
         """A future that resolves True when woken, False after `timeout` seconds.
 
         A plain method handing back the future (not a coroutine): a parked poll then holds no
-        extra coroutine frame, which counts at tens of thousands of them. The timer is a
-        call_later on the future itself, cancelled by wake() and on exit.
+        extra coroutine frame, which counts at tens of thousands of them.
         """
         future = self._future
         if not future.done():
             if timeout <= 0:
                 future.set_result(False)
             else:
-                self._cancel_timer()
-                self._timer = self._loop.call_later(timeout, _expire, future)
+                self._hub._schedule(self, timeout)
         return future
 
     async def wait(self, timeout: float) -> bool:  # noqa: ASYNC109 - a timer, not a scope
@@ -96,17 +96,26 @@ class Waiter:
         return await self.until(timeout)
 
 
-def _expire(future: asyncio.Future[bool]) -> None:
-    if not future.done():
-        future.set_result(False)
+# Waiters expire in buckets this wide (seconds): one loop timer per bucket instead of one per
+# waiter. A uvloop TimerHandle costs about 600 bytes; 10,000 of them were 6 MB, and a long
+# poll answering up to 10 ms late is fine. Deadlines round up, so none answers early.
+TICK_S = 0.01
 
 
 class Hub:
     def __init__(self, redis: Redis, *, block_ms: int = 5000) -> None:
         self.redis = redis
         self.block_ms = block_ms
-        self._waiters: dict[str, set[Waiter]] = {}
+        # tag -> its waiter, or a set when several polls wait on one tag (rare: one consumer
+        # polling several queues). A set per waiter would cost ~200 bytes each.
+        self._waiters: dict[str, Waiter | set[Waiter]] = {}
         self._count = 0
+        # Deadline buckets: tick number -> waiters expiring then; a heap of the ticks; the
+        # one loop timer, armed for the earliest tick.
+        self._buckets: dict[int, set[Waiter]] = {}
+        self._ticks: list[int] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_tick = 0
         self._last_id = "0-0"
         self._task: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
@@ -138,6 +147,9 @@ class Hub:
 
     async def aclose(self) -> None:
         self._stopping = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -147,25 +159,87 @@ class Hub:
 
     def watch(self, tag: str) -> Waiter:
         """A waiter for `tag`, registered while its `with` block runs."""
-        return Waiter(self, tag, asyncio.get_running_loop())
+        return Waiter(self, tag, asyncio.get_running_loop().create_future())
 
-    def _register(self, waiter: Waiter) -> set[Waiter]:
-        group = self._waiters.get(waiter.tag)
-        if group is None:
-            group = self._waiters[waiter.tag] = set()
-        group.add(waiter)
+    def _register(self, waiter: Waiter) -> None:
+        tag = waiter.tag
+        present = self._waiters.get(tag)
+        if present is None:
+            self._waiters[tag] = waiter
+        elif isinstance(present, set):
+            present.add(waiter)
+        else:
+            self._waiters[tag] = {present, waiter}
         self._count += 1
-        return group
 
-    def _unregister(self, waiter: Waiter, group: set[Waiter]) -> None:
+    def _unregister(self, waiter: Waiter) -> None:
+        tag = waiter.tag
+        present = self._waiters.get(tag)
+        if present is waiter:
+            del self._waiters[tag]
+        elif isinstance(present, set) and waiter in present:
+            present.discard(waiter)
+            if len(present) == 1:
+                self._waiters[tag] = present.pop()
+        else:
+            return
         self._count -= 1
-        group.discard(waiter)
-        if not group and self._waiters.get(waiter.tag) is group:
-            del self._waiters[waiter.tag]
 
     def wake(self, tag: str) -> None:
-        for waiter in self._waiters.get(tag, ()):
-            waiter.wake()
+        present = self._waiters.get(tag)
+        if present is None:
+            return
+        if isinstance(present, set):
+            for waiter in list(present):
+                waiter.wake()
+        else:
+            present.wake()
+
+    # deadlines ----------------------------------------------------------------------------
+    def _schedule(self, waiter: Waiter, timeout: float) -> None:
+        loop = waiter._future.get_loop()
+        tick = math.ceil((loop.time() + timeout) / TICK_S)
+        if waiter._tick == tick:
+            return
+        if waiter._tick:
+            self._unschedule(waiter)
+        bucket = self._buckets.get(tick)
+        if bucket is None:
+            bucket = self._buckets[tick] = set()
+            heapq.heappush(self._ticks, tick)
+            if self._timer is None or tick < self._timer_tick:
+                self._arm_timer(loop, tick)
+        bucket.add(waiter)
+        waiter._tick = tick
+
+    def _unschedule(self, waiter: Waiter) -> None:
+        bucket = self._buckets.get(waiter._tick)
+        waiter._tick = 0
+        if bucket is not None:
+            bucket.discard(waiter)
+            # An empty bucket stays in the heap; the timer skips it when its tick comes.
+
+    def _arm_timer(self, loop: asyncio.AbstractEventLoop, tick: int) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_tick = tick
+        self._timer = loop.call_at(tick * TICK_S, self._expire_due, loop)
+
+    def _expire_due(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._timer = None
+        now = loop.time()
+        ticks, buckets = self._ticks, self._buckets
+        while ticks and ticks[0] * TICK_S <= now:
+            bucket = buckets.pop(heapq.heappop(ticks), None)
+            if bucket:
+                for waiter in bucket:
+                    waiter._tick = 0
+                    waiter._expire()
+        # Drop empty buckets at the front so the timer sleeps until a real deadline.
+        while ticks and not buckets.get(ticks[0]):
+            buckets.pop(heapq.heappop(ticks), None)
+        if ticks:
+            self._arm_timer(loop, ticks[0])
 
     def release_all(self) -> None:
         """Shutdown: wake every waiter and tell the poll loops to stop waiting."""
@@ -173,9 +247,12 @@ class Hub:
         self.wake_all()
 
     def wake_all(self) -> None:
-        for group in self._waiters.values():
-            for waiter in group:
-                waiter.wake()
+        for present in list(self._waiters.values()):
+            if isinstance(present, set):
+                for waiter in list(present):
+                    waiter.wake()
+            else:
+                present.wake()
 
     async def _run(self) -> None:
         backoff = 0.05

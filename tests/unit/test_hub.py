@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import fakeredis
 import pytest
 
 from broker import keyspace
-from broker.hub import Hub, _expire
+from broker.hub import Hub
 
 
 @pytest.fixture
@@ -92,21 +93,58 @@ async def test_a_fired_timer_needs_arm_before_the_next_wait(hub):
         assert await w.until(5) is True
 
 
-async def test_wake_and_exit_cancel_the_timer(hub):
-    loop = asyncio.get_running_loop()
+def _scheduled(hub: Hub) -> int:
+    return sum(len(bucket) for bucket in hub._buckets.values())
 
-    def live_waiter_timers() -> int:
-        scheduled: list[asyncio.TimerHandle] = loop._scheduled  # type: ignore[attr-defined]
-        return len(
-            [h for h in scheduled if not h.cancelled() and getattr(h, "_callback", None) is _expire]
-        )
 
+async def test_wake_and_exit_take_the_waiter_out_of_its_deadline_bucket(hub):
     with hub.watch("u:a") as w:
         w.until(30)
-        assert live_waiter_timers() == 1
+        assert _scheduled(hub) == 1
         hub.wake("u:a")
-        assert live_waiter_timers() == 0
+        assert _scheduled(hub) == 0
     with hub.watch("u:b") as w2:
         w2.until(30)
-        assert live_waiter_timers() == 1
-    assert live_waiter_timers() == 0
+        assert _scheduled(hub) == 1
+    assert _scheduled(hub) == 0
+
+
+async def test_many_waiters_share_one_loop_timer_and_expire_in_deadline_order(hub):
+    loop = asyncio.get_running_loop()
+    scheduled: list[asyncio.TimerHandle] = loop._scheduled  # type: ignore[attr-defined]
+    before = len([h for h in scheduled if not h.cancelled()])
+    waits = [0.05, 0.2, 0.03, 0.1, 0.2]
+    with contextlib.ExitStack() as stack:
+        waiters = [stack.enter_context(hub.watch(f"u:{i}")) for i in range(len(waits))]
+        started = loop.time()
+        futures = [w.until(t) for w, t in zip(waiters, waits, strict=True)]
+        assert len([h for h in scheduled if not h.cancelled()]) == before + 1
+        done_at: dict[int, float] = {}
+        for i, f in enumerate(futures):
+            f.add_done_callback(lambda _f, i=i: done_at.setdefault(i, loop.time() - started))
+        results = await asyncio.gather(*futures)
+    assert results == [False] * len(waits)
+    for i, t in enumerate(waits):
+        assert done_at[i] >= t  # never early
+    order = sorted(range(len(waits)), key=lambda i: done_at[i])
+    assert [waits[i] for i in order] == sorted(waits)
+    assert hub._buckets == {} and hub._ticks == []
+
+
+async def test_an_earlier_deadline_rearms_the_timer(hub):
+    with hub.watch("u:late") as late, hub.watch("u:early") as early:
+        slow = late.until(5)
+        fast = early.until(0.02)
+        assert await asyncio.wait_for(fast, 1) is False
+        assert not slow.done()
+
+
+async def test_several_waiters_on_one_tag_all_wake_and_unregister(hub):
+    with hub.watch("u:a") as a:
+        with hub.watch("u:a") as b, hub.watch("u:a") as c:
+            assert hub.waiting == 3
+            futures = [w.until(5) for w in (a, b, c)]
+            hub.wake("u:a")
+            assert [await f for f in futures] == [True, True, True]
+        assert hub.waiting == 1 and hub._waiters == {"u:a": a}
+    assert hub.waiting == 0 and hub._waiters == {}

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 
 from aiohttp import web
 from redis.asyncio import Redis
 
-from broker import jsonutil, ob
+from broker import routing
 from broker.api import events, health, publish, queues, subscriptions, wellknown
 from broker.appkeys import (
     background_key,
@@ -24,7 +24,7 @@ from broker.appkeys import (
 )
 from broker.auth import TokenVerifier
 from broker.config import Settings
-from broker.errors import AuthError, ConfigError, RequestError, StoreUnavailable
+from broker.errors import ConfigError
 from broker.gcstats import GcStats
 from broker.hub import Hub
 from broker.metrics import Metrics
@@ -35,64 +35,6 @@ from broker.signing import Signer, SigningPool
 from broker.store import QueueStore
 
 log = logging.getLogger(__name__)
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def error_body(status: int, code: str, message: str, path: str | None = None) -> dict[str, str]:
-    body = {"error": code, "message": message}
-    if path:
-        body["path"] = path
-    return body
-
-
-@web.middleware
-async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Map every error to a status and a JSON body that says what is wrong; never a traceback.
-
-    Open Banking paths get OBErrorResponse1 bodies and x-fapi-interaction-id from ob.py. One
-    middleware rather than two: a parked long poll holds a coroutine frame per middleware,
-    and there are tens of thousands of them.
-    """
-    # raw_path: request.path would decode and cache a URL path on every parked poll.
-    if ob.is_ob_path(request.raw_path.partition("?")[0]):
-        return await ob.ob_middleware(request, handler)
-    try:
-        return await handler(request)
-    except RequestError as e:
-        headers = {}
-        if isinstance(e, AuthError):
-            headers["WWW-Authenticate"] = f'Bearer error="{e.code}"'
-        return jsonutil.json_response(
-            error_body(e.status, e.code, e.message, e.path), status=e.status, headers=headers
-        )
-    except web.HTTPException as e:
-        if e.status < 400:
-            raise
-        headers = {k: v for k, v in e.headers.items() if k in ("Allow",)}
-        code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(
-            e.status, "http_error"
-        )
-        message = {
-            404: f"no resource at {request.path}",
-            405: f"{request.method} is not allowed on {request.path}",
-        }.get(e.status, e.reason)
-        return jsonutil.json_response(
-            error_body(e.status, code, message), status=e.status, headers=headers
-        )
-    except StoreUnavailable as e:
-        log.warning("store unavailable: %s", e)
-        return jsonutil.json_response(
-            error_body(503, "unavailable", "the event store is unavailable; retry shortly"),
-            status=503,
-            headers={"Retry-After": "1"},
-        )
-    except asyncio.CancelledError:
-        raise
-    except Exception:
-        log.exception("unhandled error on %s %s", request.method, request.path)
-        return jsonutil.json_response(
-            error_body(500, "internal_error", "internal error"), status=500
-        )
 
 
 def create_app(
@@ -107,10 +49,8 @@ def create_app(
             "Config 'redis.url' is empty: start the embedded server first "
             "(`python -m broker serve` does) or set BROKER_REDIS_URL."
         )
-    app = web.Application(
-        middlewares=[error_middleware],
-        client_max_size=settings.publish.max_body_bytes,
-    )
+    # No middleware: routing.install wraps each handler instead (see routing.py for why).
+    app = web.Application(client_max_size=settings.publish.max_body_bytes)
     app[settings_key] = settings
     app[metrics_key] = Metrics()
     app[gcstats_key] = GcStats()
@@ -184,6 +124,7 @@ def create_app(
     app.cleanup_ctx.append(redis_ctx)
     app.cleanup_ctx.append(events.ob_ctx)  # after redis_ctx: it uses the command client
     app.on_shutdown.append(release_waiters)
-    for api in (queues, publish, health, events, subscriptions, wellknown):
-        app.add_routes(api.routes)
+    routing.install(
+        app, (api.routes for api in (queues, publish, health, events, subscriptions, wellknown))
+    )
     return app

@@ -146,7 +146,15 @@ def _principal(claims: dict[str, Any]) -> Principal:
     client_id = claims.get("client_id") or claims.get("azp") or sub
     if not isinstance(client_id, str):
         raise AuthError("bearer token 'client_id' must be a string")
+    if client_id == sub:
+        client_id = sub  # one string, not two equal ones, in every cached principal
+    # Tokens carry a handful of distinct scope sets: share them (a frozenset is 200+ bytes,
+    # and a cached principal lives as long as its consumer keeps polling).
+    scopes = _SCOPE_SETS.setdefault(scopes, scopes) if len(_SCOPE_SETS) < 1024 else scopes
     return Principal(sub=sub, scopes=scopes, client_id=client_id, expires_at=float(claims["exp"]))
+
+
+_SCOPE_SETS: dict[frozenset[str], frozenset[str]] = {}
 
 
 def bearer_token(request: web.Request) -> str:

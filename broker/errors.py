@@ -61,6 +61,18 @@ class RequestError(BrokerError):
             self.code = code
         self.path = path
 
+    def headers(self) -> dict[str, str]:
+        """Headers the answer needs whatever its body's format (Oxlin JSON or OB)."""
+        return {}
+
+
+def from_http_status(status: int, reason: str) -> RequestError:
+    """An HTTP error raised by aiohttp itself (e.g. 413 from request.read()) as one of ours."""
+    codes = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
+    error = RequestError(reason, code=codes.get(status, "http_error"))
+    error.status = status
+    return error
+
 
 class InvalidRequest(RequestError):
     """The body or a parameter is malformed or breaks a constraint."""
@@ -74,6 +86,9 @@ class AuthError(RequestError):
 
     status = 401
     code = "invalid_token"
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": f'Bearer error="{self.code}"'}
 
 
 class Forbidden(RequestError):
@@ -95,6 +110,13 @@ class MethodNotAllowed(RequestError):
 
     status = 405
     code = "method_not_allowed"
+
+    def __init__(self, message: str, *, allow: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.allow = allow
+
+    def headers(self) -> dict[str, str]:
+        return {"Allow": ", ".join(self.allow)} if self.allow else {}
 
 
 class Conflict(RequestError):

@@ -9,6 +9,7 @@ and producer paths keep the generic error body of broker/app.py.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import uuid
@@ -25,6 +26,7 @@ from broker.errors import (
     RequestError,
     StoreUnavailable,
     UnsupportedMediaType,
+    from_http_status,
 )
 
 log = logging.getLogger(__name__)
@@ -288,6 +290,8 @@ def _ob_code(e: RequestError) -> str:
         return HEADER_MISSING if "missing" in e.message else HEADER_INVALID
     if isinstance(e, UnsupportedMediaType):
         return HEADER_INVALID
+    if e.status == 404:
+        return NOT_FOUND
     if e.status == 403:
         # OB has no scope code; the Authorization header's token is what falls short.
         return HEADER_INVALID
@@ -305,45 +309,40 @@ def _error_path(e: RequestError) -> str | None:
     return None
 
 
-@web.middleware
-async def ob_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """On OB paths: OBErrorResponse1 errors, and x-fapi-interaction-id on every response.
+def endpoint(handler: Handler) -> Handler:
+    """Wrap an OB handler: OBErrorResponse1 errors, x-fapi-interaction-id on every answer.
 
-    Called by app.error_middleware for OB paths (is_ob_path); other paths pass through.
+    The counterpart of routing.endpoint for OB paths (see routing.py for why a wrapper and
+    not a middleware).
     """
-    if not is_ob_path(request.path):
-        return await handler(request)
-    interaction = request.headers.get(INTERACTION_ID) or str(uuid.uuid4())
-    response: web.StreamResponse
-    try:
-        response = await handler(request)
-    except RequestError as e:
-        headers = {}
-        if isinstance(e, AuthError):
-            headers["WWW-Authenticate"] = f'Bearer error="{e.code}"'
-        response = error_response(e.status, _ob_code(e), e.message, _error_path(e), headers)
-    except web.HTTPException as e:
-        if e.status < 400:
+
+    async def guarded(request: web.Request) -> web.StreamResponse:
+        interaction = request.headers.get(INTERACTION_ID) or str(uuid.uuid4())
+        response: web.StreamResponse
+        try:
+            response = await handler(request)
+        except RequestError as e:
+            response = _error_answer(e)
+        except web.HTTPException as e:
+            if e.status < 400:
+                raise
+            response = _error_answer(from_http_status(e.status, e.reason))
+        except StoreUnavailable as e:
+            log.warning("store unavailable: %s", e)
+            response = error_response(503, UNEXPECTED, "the event store is unavailable; retry")
+            response.headers["Retry-After"] = "1"
+        except asyncio.CancelledError:
             raise
-        if e.status == 405:
-            # No OB code names a method; the request's shape is what this resource rejects.
-            response = error_response(
-                405, INVALID_FORMAT, f"{request.method} is not allowed on {request.path}"
-            )
-            if "Allow" in e.headers:
-                response.headers["Allow"] = e.headers["Allow"]
-        elif e.status == 404:
-            response = error_response(404, NOT_FOUND, f"no resource at {request.path}")
-        elif e.status == 413:
-            response = error_response(413, INVALID_FORMAT, "request body is too large")
-        else:
-            response = error_response(e.status, UNEXPECTED, e.reason)
-    except StoreUnavailable as e:
-        log.warning("store unavailable: %s", e)
-        response = error_response(503, UNEXPECTED, "the event store is unavailable; retry")
-        response.headers["Retry-After"] = "1"
-    except Exception:
-        log.exception("unhandled error on %s %s", request.method, request.path)
-        response = error_response(500, UNEXPECTED, "internal error")
-    response.headers[INTERACTION_ID] = interaction
-    return response
+        except Exception:
+            log.exception("unhandled error on %s %s", request.method, request.path)
+            response = error_response(500, UNEXPECTED, "internal error")
+        response.headers[INTERACTION_ID] = interaction
+        return response
+
+    guarded.__name__ = getattr(handler, "__name__", "guarded")
+    guarded.__doc__ = handler.__doc__
+    return guarded
+
+
+def _error_answer(e: RequestError) -> web.Response:
+    return error_response(e.status, _ob_code(e), e.message, _error_path(e), e.headers())

@@ -143,33 +143,26 @@ async def poll_events(request: web.Request) -> web.Response:
     immediate = poll.return_immediately is True or limit == 0
     wait = 0.0 if immediate else min(settings.poll.default_wait_s, settings.poll.max_wait_s)
 
-    async def step(first: bool) -> PollOutcome:
-        # Acks and nacks ride on the first step only: applied exactly once per request.
-        # Not shielded (no task per poll): if the client vanishes mid-call the script still
-        # runs or not, and either is safe: acks are idempotent and a SET selected for an
-        # answer that is never sent stays unacked, so it is delivered again.
-        return await store.poll(
-            client,
-            limit=limit,
-            ack=poll.ack if first else (),
-            set_errs=poll.set_errs if first else None,
-        )
-
+    # Acks and nacks ride on the first read only: applied exactly once per request. Not
+    # shielded (no task per poll): if the client vanishes mid-call the script still runs or
+    # not, and either is safe: acks are idempotent and a SET selected for an answer that is
+    # never sent stays unacked, so it is delivered again.
     if wait <= 0:
-        outcome = await step(True)
+        outcome = await store.poll(client, limit=limit, ack=poll.ack, set_errs=poll.set_errs)
         _count(request, client, outcome)
     else:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
-        first = True
+        ack: tuple[str, ...] = poll.ack
+        set_errs: dict[str, tuple[str, str]] | None = poll.set_errs
         # Register first, then read: a publish landing between the read and the wait still
         # finds this waiter registered (see hub.py).
         with hub.watch(keyspace.client_tag(client)) as waiter:
             while True:
                 waiter.arm()
-                outcome = await step(first)
+                outcome = await store.poll(client, limit=limit, ack=ack, set_errs=set_errs)
                 _count(request, client, outcome)
-                first = False
+                ack, set_errs = (), None
                 remaining = deadline - loop.time()
                 if outcome.sets or remaining <= 0 or hub.closing or client_gone(request):
                     break

@@ -209,3 +209,22 @@ def test_key_file_is_created_once_and_never_seen_half_written(tmp_path):
     assert len(set(results)) == 1 and len(results[0]) > 4096  # one winner, read whole
     assert oct(path.stat().st_mode & 0o777) == "0o600"
     assert [p.name for p in path.parent.iterdir()] == ["key.pem"]  # no temp files left
+
+
+def test_cached_principals_share_equal_scope_sets_and_strings(verifier):
+    # Tens of thousands of consumers each keep a cached principal: equal parts are shared.
+    v = verifier()
+    principals = [
+        v.verify(
+            jwt.encode(
+                _claims(sub=f"tpp-{i}", scope="accounts payments", client_id=f"tpp-{i}"),
+                ED,
+                algorithm="EdDSA",
+                headers={"kid": "ed"},
+            )
+        )
+        for i in range(3)
+    ]
+    assert principals[0].scopes == {"accounts", "payments"}
+    assert principals[0].scopes is principals[1].scopes is principals[2].scopes
+    assert all(p.client_id is p.sub for p in principals)

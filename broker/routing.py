@@ -1,0 +1,126 @@
+"""Routes without middleware: every handler wrapped once so that errors answer as JSON.
+
+Why not an aiohttp middleware: with any middleware at all, aiohttp runs each request through
+one coroutine per middleware plus one of its own (`_fix_request_current_app`). A parked long
+poll keeps those frames alive for its whole wait, about 400 bytes each, at tens of thousands
+of polls, and every short poll pays for the extra calls. Here a request holds one wrapper
+frame, chosen when the route is added: Oxlin-style JSON errors, or Open Banking's
+(OBErrorResponse1 and x-fapi-interaction-id, from ob.py).
+
+Unknown paths and methods cannot reach a handler, so they get routes of their own: each path
+answers the methods it lacks with a 405 naming the ones it has, and a last catch-all route
+answers 404.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+
+from aiohttp import hdrs, web
+
+from broker import jsonutil, ob
+from broker.errors import (
+    MethodNotAllowed,
+    NotFound,
+    RequestError,
+    StoreUnavailable,
+    from_http_status,
+)
+
+log = logging.getLogger(__name__)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def error_body(code: str, message: str, path: str | None = None) -> dict[str, str]:
+    body = {"error": code, "message": message}
+    if path:
+        body["path"] = path
+    return body
+
+
+def endpoint(handler: Handler) -> Handler:
+    """Wrap a handler: every error becomes a status and a JSON body; never a traceback."""
+
+    async def guarded(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except RequestError as e:
+            return _json_error(e)
+        except web.HTTPException as e:
+            if e.status < 400:
+                raise
+            return _json_error(from_http_status(e.status, e.reason))
+        except StoreUnavailable as e:
+            log.warning("store unavailable: %s", e)
+            return jsonutil.json_response(
+                error_body("unavailable", "the event store is unavailable; retry shortly"),
+                status=503,
+                headers={"Retry-After": "1"},
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("unhandled error on %s %s", request.method, request.path)
+            return jsonutil.json_response(
+                error_body("internal_error", "internal error"), status=500
+            )
+
+    guarded.__name__ = getattr(handler, "__name__", "guarded")
+    guarded.__doc__ = handler.__doc__
+    return guarded
+
+
+def _json_error(e: RequestError) -> web.Response:
+    return jsonutil.json_response(
+        error_body(e.code, e.message, e.path), status=e.status, headers=e.headers()
+    )
+
+
+def install(app: web.Application, tables: Iterable[web.RouteTableDef]) -> None:
+    """Add every route of `tables`, wrapped, then the 405 and 404 answers."""
+    methods: dict[str, list[str]] = {}
+    defs: dict[str, list[web.RouteDef]] = {}
+    for table in tables:
+        for route in table:
+            if not isinstance(route, web.RouteDef):
+                raise TypeError(f"only plain routes are supported, got {route!r}")
+            defs.setdefault(route.path, []).append(route)
+            allowed = methods.setdefault(route.path, [])
+            allowed.append(route.method)
+            if route.method == hdrs.METH_GET and route.kwargs.get("allow_head", True):
+                allowed.append(hdrs.METH_HEAD)
+    # Each path's routes are added together, then its catch-all for the other methods, so
+    # they share one resource (aiohttp reuses the last resource for an equal path).
+    for path, routes in defs.items():
+        wrap = ob.endpoint if ob.is_ob_path(path) else endpoint
+        for route in routes:
+            # add_get and friends, as RouteDef.register does: add_get also answers HEAD.
+            add = getattr(app.router, "add_" + route.method.lower())
+            add(path, wrap(route.handler), **route.kwargs)
+        app.router.add_route(hdrs.METH_ANY, path, wrap(_method_not_allowed(methods[path])))
+    app.router.add_route(hdrs.METH_ANY, "/{tail:.*}", _not_found)
+
+
+def _method_not_allowed(methods: list[str]) -> Handler:
+    allow = tuple(sorted(set(methods)))
+
+    async def method_not_allowed(request: web.Request) -> web.StreamResponse:
+        raise MethodNotAllowed(f"{request.method} is not allowed on {request.path}", allow=allow)
+
+    return method_not_allowed
+
+
+async def _not_found_raw(request: web.Request) -> web.StreamResponse:
+    raise NotFound(f"no resource at {request.path}")
+
+
+_ob_not_found = ob.endpoint(_not_found_raw)
+_json_not_found = endpoint(_not_found_raw)
+
+
+async def _not_found(request: web.Request) -> web.StreamResponse:
+    if ob.is_ob_path(request.raw_path.partition("?")[0]):
+        return await _ob_not_found(request)
+    return await _json_not_found(request)

@@ -123,6 +123,23 @@ async def finish(request: web.Request, factory: Callable[[], Coroutine[Any, Any,
     return await asyncio.shield(in_background(request, factory()))
 
 
+def parked(request: web.Request) -> None:
+    """Tell aiohttp's connection that this request is waiting, not idle.
+
+    aiohttp arms an idle (keep-alive) timer on every new connection and after every answer;
+    while a request is in progress the timer can only fire and drop itself. A parked poll
+    keeps it alive for nothing: a uvloop timer costs ~600 bytes, 6 MB per 10,000 polls. So
+    drop it; aiohttp arms a fresh one when the answer has been sent. (A private attribute of
+    aiohttp's RequestHandler; if it is not there, nothing happens.)
+    """
+    protocol = request.protocol
+    handle = getattr(protocol, "_keepalive_handle", None)
+    # uvloop's timer handles are not asyncio.TimerHandle instances: duck-typed.
+    if handle is not None and callable(getattr(handle, "cancel", None)):
+        handle.cancel()
+        protocol._keepalive_handle = None
+
+
 def client_gone(request: web.Request) -> bool:
     transport = request.transport
     return transport is None or transport.is_closing()

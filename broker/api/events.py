@@ -30,7 +30,7 @@ from broker.appkeys import (
 )
 from broker.auth import PUBLISH_SCOPE
 from broker.errors import InvalidRequest, PayloadTooLarge
-from broker.http import authenticate, client_gone, finish, read_json
+from broker.http import authenticate, client_gone, finish, parked, read_json
 from broker.sets import NO_SUBSCRIPTION, QUEUED, PollOutcome, SetStore, SignedSet
 from broker.signing import Signer
 from broker.subscriptions import SubscriptionStore
@@ -169,6 +169,7 @@ async def poll_events(request: web.Request) -> web.Response:
                 # A lease ending makes a SET deliverable without any publish: wake for it.
                 if outcome.next_lease_s is not None:
                     remaining = min(remaining, outcome.next_lease_s + 0.005)
+                parked(request)
                 await waiter.until(remaining)
 
     metrics = app[metrics_key]

@@ -14,6 +14,7 @@ from broker.http import (
     client_gone,
     finish,
     in_background,
+    parked,
     read_json,
     requested_wait,
 )
@@ -62,6 +63,7 @@ async def poll(request: web.Request) -> web.Response:
                 remaining = deadline - loop.time()
                 if result.count or remaining <= 0 or hub.closing or client_gone(request):
                     break
+                parked(request)
                 await waiter.until(remaining)
 
     metrics = app[metrics_key]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import time
 
+import aiohttp
+
 from broker.appkeys import background_key, hub_key, metrics_key, store_key
 from tests.oxlin_helpers import connection_event, publish, subscribe
 
@@ -220,3 +222,33 @@ async def test_cancelled_poll_mid_read_gives_its_events_to_the_next_poll(client,
             break
     r = await client.get(loc, headers=auth("u1"))
     assert r.status == 200 and len(await r.json()) == 2
+
+
+async def test_a_parked_poll_holds_no_idle_timer_and_its_connection_stays_alive(client, auth):
+    """http.parked drops aiohttp's keep-alive timer while a poll waits (memory at 10k polls).
+
+    This also checks the aiohttp internals it relies on, so an aiohttp upgrade that renames
+    them fails here instead of silently keeping the timers.
+    """
+    loc = await subscribe(client, auth, "u1")
+    server = client.server.runner.server
+    assert server is not None
+    poll_url = client.make_url(loc + "?wait=5")
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as poller:
+        poll = asyncio.ensure_future(poller.get(poll_url, headers=auth("u1")))
+        for _ in range(100):
+            if client.app[hub_key].waiting == 1:
+                break
+            await asyncio.sleep(0.02)
+        (busy,) = [p for p in server.connections if p._request_in_progress]
+        assert hasattr(busy, "_keepalive_handle") and busy._keepalive_handle is None
+        await publish(client, auth, "u1", connection_event())
+        r = await asyncio.wait_for(poll, 3)
+        assert r.status == 200
+        await r.read()
+        # answered: the connection is idle again, with a fresh idle timer, and reused
+        assert busy._keepalive_handle is not None and not busy.transport.is_closing()
+        served = busy._manager.requests_count
+        r = await poller.get(client.make_url(loc), headers=auth("u1"))
+        assert r.status == 204
+        assert busy._manager.requests_count == served + 1 and busy in server.connections

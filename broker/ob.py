@@ -9,7 +9,6 @@ and producer paths keep the generic error body of broker/app.py.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 import uuid
@@ -309,6 +308,31 @@ def _error_path(e: RequestError) -> str | None:
     return None
 
 
+def interaction_id(request: web.Request) -> str:
+    """The caller's x-fapi-interaction-id, else a new one (a UUID, as FAPI asks)."""
+    return request.headers.get(INTERACTION_ID) or str(uuid.uuid4())
+
+
+def answer_error(request: web.Request, e: Exception) -> web.Response:
+    """The OBErrorResponse1 answer to an error; re-raises what is not one (see routing.py).
+
+    The caller sets x-fapi-interaction-id, as on every OB answer.
+    """
+    if isinstance(e, web.HTTPException):
+        if e.status < 400:
+            raise e
+        e = from_http_status(e.status, e.reason)
+    if isinstance(e, RequestError):
+        return error_response(e.status, _ob_code(e), e.message, _error_path(e), e.headers())
+    if isinstance(e, StoreUnavailable):
+        log.warning("store unavailable: %s", e)
+        response = error_response(503, UNEXPECTED, "the event store is unavailable; retry")
+        response.headers["Retry-After"] = "1"
+        return response
+    log.error("unhandled error on %s %s", request.method, request.path, exc_info=e)
+    return error_response(500, UNEXPECTED, "internal error")
+
+
 def endpoint(handler: Handler) -> Handler:
     """Wrap an OB handler: OBErrorResponse1 errors, x-fapi-interaction-id on every answer.
 
@@ -317,32 +341,15 @@ def endpoint(handler: Handler) -> Handler:
     """
 
     async def guarded(request: web.Request) -> web.StreamResponse:
-        interaction = request.headers.get(INTERACTION_ID) or str(uuid.uuid4())
+        interaction = interaction_id(request)
         response: web.StreamResponse
         try:
             response = await handler(request)
-        except RequestError as e:
-            response = _error_answer(e)
-        except web.HTTPException as e:
-            if e.status < 400:
-                raise
-            response = _error_answer(from_http_status(e.status, e.reason))
-        except StoreUnavailable as e:
-            log.warning("store unavailable: %s", e)
-            response = error_response(503, UNEXPECTED, "the event store is unavailable; retry")
-            response.headers["Retry-After"] = "1"
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("unhandled error on %s %s", request.method, request.path)
-            response = error_response(500, UNEXPECTED, "internal error")
+        except Exception as e:  # CancelledError is a BaseException: it goes through
+            response = answer_error(request, e)
         response.headers[INTERACTION_ID] = interaction
         return response
 
     guarded.__name__ = getattr(handler, "__name__", "guarded")
     guarded.__doc__ = handler.__doc__
     return guarded
-
-
-def _error_answer(e: RequestError) -> web.Response:
-    return error_response(e.status, _ob_code(e), e.message, _error_path(e), e.headers())

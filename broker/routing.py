@@ -14,7 +14,6 @@ answers 404.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 
@@ -40,42 +39,54 @@ def error_body(code: str, message: str, path: str | None = None) -> dict[str, st
     return body
 
 
+def answer_error(request: web.Request, e: Exception) -> web.Response:
+    """The JSON answer to an error raised while serving `request`; re-raises what is not one.
+
+    Never a traceback: unexpected failures are logged here and answer a bare 500.
+    """
+    if isinstance(e, web.HTTPException):
+        if e.status < 400:
+            raise e
+        e = from_http_status(e.status, e.reason)
+    if isinstance(e, RequestError):
+        return jsonutil.json_response(
+            error_body(e.code, e.message, e.path), status=e.status, headers=e.headers()
+        )
+    if isinstance(e, StoreUnavailable):
+        log.warning("store unavailable: %s", e)
+        return jsonutil.json_response(
+            error_body("unavailable", "the event store is unavailable; retry shortly"),
+            status=503,
+            headers={"Retry-After": "1"},
+        )
+    log.error("unhandled error on %s %s", request.method, request.path, exc_info=e)
+    return jsonutil.json_response(error_body("internal_error", "internal error"), status=500)
+
+
 def endpoint(handler: Handler) -> Handler:
-    """Wrap a handler: every error becomes a status and a JSON body; never a traceback."""
+    """Wrap a handler so that every error it raises is answered by answer_error."""
 
     async def guarded(request: web.Request) -> web.StreamResponse:
         try:
             return await handler(request)
-        except RequestError as e:
-            return _json_error(e)
-        except web.HTTPException as e:
-            if e.status < 400:
-                raise
-            return _json_error(from_http_status(e.status, e.reason))
-        except StoreUnavailable as e:
-            log.warning("store unavailable: %s", e)
-            return jsonutil.json_response(
-                error_body("unavailable", "the event store is unavailable; retry shortly"),
-                status=503,
-                headers={"Retry-After": "1"},
-            )
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("unhandled error on %s %s", request.method, request.path)
-            return jsonutil.json_response(
-                error_body("internal_error", "internal error"), status=500
-            )
+        except Exception as e:  # CancelledError is a BaseException: it goes through
+            return answer_error(request, e)
 
     guarded.__name__ = getattr(handler, "__name__", "guarded")
     guarded.__doc__ = handler.__doc__
     return guarded
 
 
-def _json_error(e: RequestError) -> web.Response:
-    return jsonutil.json_response(
-        error_body(e.code, e.message, e.path), status=e.status, headers=e.headers()
-    )
+def guards_itself(handler: Handler) -> Handler:
+    """Mark a handler that answers its own errors, so install() adds no wrapper frame.
+
+    For the long-poll handlers only: a parked poll would otherwise hold the wrapper's frame
+    (~250 bytes) for its whole wait. Such a handler wraps its body in
+    `try: ... except Exception as e: return answer_error(request, e)` (ob.answer_error on
+    OB paths, which also sets the interaction id).
+    """
+    handler.__broker_guards_itself__ = True  # type: ignore[attr-defined]
+    return handler
 
 
 def install(app: web.Application, tables: Iterable[web.RouteTableDef]) -> None:
@@ -96,9 +107,12 @@ def install(app: web.Application, tables: Iterable[web.RouteTableDef]) -> None:
     for path, routes in defs.items():
         wrap = ob.endpoint if ob.is_ob_path(path) else endpoint
         for route in routes:
+            handler = route.handler
+            if not getattr(handler, "__broker_guards_itself__", False):
+                handler = wrap(handler)
             # add_get and friends, as RouteDef.register does: add_get also answers HEAD.
             add = getattr(app.router, "add_" + route.method.lower())
-            add(path, wrap(route.handler), **route.kwargs)
+            add(path, handler, **route.kwargs)
         app.router.add_route(hdrs.METH_ANY, path, wrap(_method_not_allowed(methods[path])))
     app.router.add_route(hdrs.METH_ANY, "/{tail:.*}", _not_found)
 

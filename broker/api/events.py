@@ -31,6 +31,7 @@ from broker.appkeys import (
 from broker.auth import PUBLISH_SCOPE
 from broker.errors import InvalidRequest, PayloadTooLarge
 from broker.http import authenticate, client_gone, finish, parked, read_json
+from broker.routing import guards_itself
 from broker.sets import NO_SUBSCRIPTION, QUEUED, PollOutcome, SetStore, SignedSet
 from broker.signing import Signer
 from broker.subscriptions import SubscriptionStore
@@ -129,56 +130,65 @@ def _sign_all(signer: Signer, claims: list[dict[str, Any]]) -> list[str]:
 
 
 @routes.post("/events")
+@guards_itself
 async def poll_events(request: web.Request) -> web.Response:
     """RFC 8936 poll: validate, ack, nack, select; long-poll when nothing is ready."""
-    principal = authenticate(request)
-    principal.require_scope(*ob.POLL_SCOPES)
-    app = request.app
-    settings, store, hub = app[settings_key], app[sets_key], app[hub_key]
-    poll = ob.parse_poll_request(await read_json(request), max_acks=settings.events.max_acks)
-    client = principal.client_id
-    cap = settings.events.max_events
-    limit = cap if poll.max_events is None else min(poll.max_events, cap)
-    # maxEvents 0 answers at once (spec §9.10); absent returnImmediately means a long poll.
-    immediate = poll.return_immediately is True or limit == 0
-    wait = 0.0 if immediate else min(settings.poll.default_wait_s, settings.poll.max_wait_s)
+    # Answers its own errors: a parked poll holds no wrapper frame (routing.guards_itself).
+    interaction = ob.interaction_id(request)
+    response: web.Response
+    try:
+        principal = authenticate(request)
+        principal.require_scope(*ob.POLL_SCOPES)
+        app = request.app
+        settings, store, hub = app[settings_key], app[sets_key], app[hub_key]
+        poll = ob.parse_poll_request(await read_json(request), max_acks=settings.events.max_acks)
+        client = principal.client_id
+        cap = settings.events.max_events
+        limit = cap if poll.max_events is None else min(poll.max_events, cap)
+        # maxEvents 0 answers at once (spec §9.10); absent returnImmediately means a long poll.
+        immediate = poll.return_immediately is True or limit == 0
+        wait = 0.0 if immediate else min(settings.poll.default_wait_s, settings.poll.max_wait_s)
 
-    # Acks and nacks ride on the first read only: applied exactly once per request. Not
-    # shielded (no task per poll): if the client vanishes mid-call the script still runs or
-    # not, and either is safe: acks are idempotent and a SET selected for an answer that is
-    # never sent stays unacked, so it is delivered again.
-    if wait <= 0:
-        outcome = await store.poll(client, limit=limit, ack=poll.ack, set_errs=poll.set_errs)
-        _count(request, client, outcome)
-    else:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + wait
-        ack: tuple[str, ...] = poll.ack
-        set_errs: dict[str, tuple[str, str]] | None = poll.set_errs
-        # Register first, then read: a publish landing between the read and the wait still
-        # finds this waiter registered (see hub.py).
-        with hub.watch(keyspace.client_tag(client)) as waiter:
-            while True:
-                waiter.arm()
-                outcome = await store.poll(client, limit=limit, ack=ack, set_errs=set_errs)
-                _count(request, client, outcome)
-                ack, set_errs = (), None
-                remaining = deadline - loop.time()
-                if outcome.sets or remaining <= 0 or hub.closing or client_gone(request):
-                    break
-                # A lease ending makes a SET deliverable without any publish: wake for it.
-                if outcome.next_lease_s is not None:
-                    remaining = min(remaining, outcome.next_lease_s + 0.005)
-                parked(request)
-                await waiter.until(remaining)
+        # Acks and nacks ride on the first read only: applied exactly once per request. Not
+        # shielded (no task per poll): if the client vanishes mid-call the script still runs or
+        # not, and either is safe: acks are idempotent and a SET selected for an answer that is
+        # never sent stays unacked, so it is delivered again.
+        if wait <= 0:
+            outcome = await store.poll(client, limit=limit, ack=poll.ack, set_errs=poll.set_errs)
+            _count(request, client, outcome)
+        else:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + wait
+            ack: tuple[str, ...] = poll.ack
+            set_errs: dict[str, tuple[str, str]] | None = poll.set_errs
+            # Register first, then read: a publish landing between the read and the wait still
+            # finds this waiter registered (see hub.py).
+            with hub.watch(keyspace.client_tag(client)) as waiter:
+                while True:
+                    waiter.arm()
+                    outcome = await store.poll(client, limit=limit, ack=ack, set_errs=set_errs)
+                    _count(request, client, outcome)
+                    ack, set_errs = (), None
+                    remaining = deadline - loop.time()
+                    if outcome.sets or remaining <= 0 or hub.closing or client_gone(request):
+                        break
+                    # A lease ending makes a SET deliverable without any publish: wake for it.
+                    if outcome.next_lease_s is not None:
+                        remaining = min(remaining, outcome.next_lease_s + 0.005)
+                    parked(request)
+                    await waiter.until(remaining)
 
-    metrics = app[metrics_key]
-    metrics.event_polls_total += 1
-    metrics.sets_delivered_total += len(outcome.sets)
-    return jsonutil.json_response(
-        {"sets": outcome.sets, "moreAvailable": outcome.more},
-        headers={"Cache-Control": "no-store"},
-    )
+        metrics = app[metrics_key]
+        metrics.event_polls_total += 1
+        metrics.sets_delivered_total += len(outcome.sets)
+        response = jsonutil.json_response(
+            {"sets": outcome.sets, "moreAvailable": outcome.more},
+            headers={"Cache-Control": "no-store"},
+        )
+    except Exception as e:  # CancelledError is a BaseException: it goes through
+        response = ob.answer_error(request, e)
+    response.headers[ob.INTERACTION_ID] = interaction
+    return response
 
 
 def _count(request: web.Request, client: str, outcome: PollOutcome) -> None:

@@ -18,6 +18,7 @@ from broker.http import (
     read_json,
     requested_wait,
 )
+from broker.routing import answer_error, guards_itself
 from broker.store import PollResult, QueueStore, new_poll_token
 
 routes = web.RouteTableDef()
@@ -41,46 +42,51 @@ async def subscribe(request: web.Request) -> web.Response:
 
 
 @routes.get("/queues/{queue_id}")
+@guards_itself
 async def poll(request: web.Request) -> web.Response:
-    principal = authenticate(request)
-    app = request.app
-    settings, store, hub = app[settings_key], app[store_key], app[hub_key]
-    queue_id = request.match_info["queue_id"]
-    user = principal.sub
-    wait = requested_wait(request, settings.poll.max_wait_s)
+    # Answers its own errors: a parked poll holds no wrapper frame (routing.guards_itself).
+    try:
+        principal = authenticate(request)
+        app = request.app
+        settings, store, hub = app[settings_key], app[store_key], app[hub_key]
+        queue_id = request.match_info["queue_id"]
+        user = principal.sub
+        wait = requested_wait(request, settings.poll.max_wait_s)
 
-    if wait <= 0:
-        result = await _consume(request, store, user, queue_id)
-    else:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + wait
-        # Register first, then read: a publish landing between the read and the wait still
-        # finds this waiter registered (see hub.py).
-        with hub.watch(keyspace.user_tag(user)) as waiter:
-            while True:
-                waiter.arm()
-                result = await _consume(request, store, user, queue_id)
-                remaining = deadline - loop.time()
-                if result.count or remaining <= 0 or hub.closing or client_gone(request):
-                    break
-                parked(request)
-                await waiter.until(remaining)
+        if wait <= 0:
+            result = await _consume(request, store, user, queue_id)
+        else:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + wait
+            # Register first, then read: a publish landing between the read and the wait still
+            # finds this waiter registered (see hub.py).
+            with hub.watch(keyspace.user_tag(user)) as waiter:
+                while True:
+                    waiter.arm()
+                    result = await _consume(request, store, user, queue_id)
+                    remaining = deadline - loop.time()
+                    if result.count or remaining <= 0 or hub.closing or client_gone(request):
+                        break
+                    parked(request)
+                    await waiter.until(remaining)
 
-    metrics = app[metrics_key]
-    metrics.queue_polls_total += 1
-    headers = {"Cache-Control": "no-store"}
-    if result.dropped:
-        metrics.queue_events_dropped_total += result.dropped
-        headers["Broker-Events-Dropped"] = str(result.dropped)
-    if result.body is None:
-        return web.Response(status=204, headers=headers)
-    if client_gone(request):
-        # The answer cannot be sent; hand the events to the next poll instead of losing them.
-        await finish(request, lambda: store.rewind(user, queue_id, result.token))
-        metrics.queue_rewinds_total += 1
-        return web.Response(status=204, headers=headers)
-    metrics.queue_events_delivered_total += result.count
-    return jsonutil.raw_json_response(result.body, headers=headers)
+        metrics = app[metrics_key]
+        metrics.queue_polls_total += 1
+        headers = {"Cache-Control": "no-store"}
+        if result.dropped:
+            metrics.queue_events_dropped_total += result.dropped
+            headers["Broker-Events-Dropped"] = str(result.dropped)
+        if result.body is None:
+            return web.Response(status=204, headers=headers)
+        if client_gone(request):
+            # The answer cannot be sent; hand the events to the next poll instead of losing them.
+            await finish(request, lambda: store.rewind(user, queue_id, result.token))
+            metrics.queue_rewinds_total += 1
+            return web.Response(status=204, headers=headers)
+        metrics.queue_events_delivered_total += result.count
+        return jsonutil.raw_json_response(result.body, headers=headers)
+    except Exception as e:  # CancelledError is a BaseException: it goes through
+        return answer_error(request, e)
 
 
 async def _consume(request: web.Request, store: QueueStore, user: str, queue_id: str) -> PollResult:

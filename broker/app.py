@@ -60,14 +60,10 @@ def create_app(
     app[signing_pool_key] = None
 
     async def signing_ctx(app: web.Application) -> AsyncIterator[None]:
-        signing = settings.signing
-        if signing.processes > 0:
-            pool = SigningPool.in_processes(signing, settings.data_dir, signing.processes)
-        elif signing.threads > 0:
-            pool = SigningPool.in_threads(app[signer_key], signing.threads)
-        else:
+        if settings.signing.processes <= 0:
             yield
             return
+        pool = SigningPool(settings.signing, settings.data_dir, settings.signing.processes)
         await asyncio.get_running_loop().run_in_executor(None, pool.warm_up)
         app[signing_pool_key] = pool
         try:

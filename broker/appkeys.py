@@ -28,7 +28,7 @@ gcstats_key: web.AppKey[GcStats] = web.AppKey("gcstats")
 background_key: web.AppKey[set[asyncio.Future[Any]]] = web.AppKey("background")
 # Open Banking: the SET signer, the SET store and the event subscriptions.
 signer_key: web.AppKey[Signer] = web.AppKey("signer")
-# Where SETs are signed off the event loop (signing.threads or signing.processes); None: on it.
+# Worker processes that sign SETs, when signing.processes > 0.
 signing_pool_key: web.AppKey[SigningPool | None] = web.AppKey("signing_pool")
 sets_key: web.AppKey[SetStore] = web.AppKey("sets")
 subscriptions_key: web.AppKey[SubscriptionStore] = web.AppKey("subscriptions")

@@ -19,8 +19,8 @@ import base64
 import hashlib
 import multiprocessing
 import time
-from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -201,44 +201,32 @@ def _b64(data: bytes) -> str:
 
 
 class SigningPool:
-    """Signs SETs off the event loop: in threads (the default) or in worker processes.
+    """Signs SETs in worker processes, off the event loop.
 
-    Inline signing blocks the loop ~250-350 µs per PS256 SET; at 500 SETs/s that was a
-    quarter of its busy time, paid by every parked poll's wake-up. `cryptography` releases
-    the GIL while it signs (measured: two threads sign 1.85x as fast as one), so a thread
-    moves the RSA work onto another core and the loop only pays the hand-off. Processes were
-    the first answer, when signing was believed to hold the GIL; on 2 cores they were slower
-    than inline (pickling, and the worker competing for the cores), so they stay opt-in.
+    Why processes: RSA-PSS signing in `cryptography` holds the GIL (two threads sign no
+    faster than one), so a thread would only preempt the event loop in 5 ms slices, and
+    inline signing blocks it ~250 µs per SET: at 500 SETs/s that was a quarter of the
+    loop's busy time, paid by every parked poll's wake-up. Each worker loads the same key
+    (the parent created it first, so the dev key is shared) and keeps the parsed key object.
+    Measured on 2 cores shared with Redis and the load, it was slower than inline (the
+    worker competes for the cores, the executor's thread for the GIL), hence opt-in.
     """
 
-    def __init__(
-        self, pool: Executor, sign_all: Callable[[list[Mapping[str, Any]]], list[str]]
-    ) -> None:
-        self._pool = pool
-        self._sign_all = sign_all
-
-    @classmethod
-    def in_threads(cls, signer: Signer, threads: int) -> SigningPool:
-        pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="broker-sign")
-        return cls(pool, lambda claims: [signer.sign_set(c) for c in claims])
-
-    @classmethod
-    def in_processes(cls, settings: SigningSettings, data_dir: Path, processes: int) -> SigningPool:
-        pool = ProcessPoolExecutor(
+    def __init__(self, settings: SigningSettings, data_dir: Path, processes: int) -> None:
+        self._pool = ProcessPoolExecutor(
             max_workers=processes,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_init_worker,
             initargs=(settings, str(data_dir)),
         )
-        return cls(pool, _sign_in_worker)
 
     async def sign(self, claims: Sequence[Mapping[str, Any]]) -> list[str]:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, self._sign_all, list(claims))
+        return await loop.run_in_executor(self._pool, _sign_in_worker, list(claims))
 
     def warm_up(self) -> None:
-        """Start the workers now (a process imports for ~1 s), not on the first publish."""
-        self._pool.submit(self._sign_all, []).result()
+        """Start the workers now (imports take ~1 s), not on the first publish."""
+        self._pool.submit(_sign_in_worker, []).result()
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)

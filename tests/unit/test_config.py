@@ -48,7 +48,6 @@ def test_env_overrides_file(tmp_path):
         ({"BROKER_SERVER_PORT": "70000"}, "server.port", "70000"),
         ({"BROKER_REDIS_URL": "http://x"}, "redis.url", "http://x"),
         ({"BROKER_SIGNING_PROFILE": "jose"}, "signing.profile", "jose"),
-        ({"BROKER_SIGNING_THREADS": "-1"}, "signing.threads", "-1"),
         ({"BROKER_SERVER_ACCESS_LOG": "maybe"}, "server.access_log", "maybe"),
         ({"BROKER_AUTH_JWKS_FILE": "/nonexistent.json"}, "auth.jwks_file", "/nonexistent.json"),
     ],

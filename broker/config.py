@@ -189,7 +189,7 @@ class SigningSettings:
     ob_iss: str = "0015800001041RHAAY"
     ob_tan: str = "openbanking.org.uk"
     jwks_max_age_s: int = 300
-    # Worker processes that sign SETs (PS256 holds the GIL ~250 µs a SET); 0: sign inline.
+    # Worker processes that sign SETs (PS256 takes the loop ~300 µs a SET); 0: sign inline.
     processes: int = 0
 
     def check(self) -> None:

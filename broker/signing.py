@@ -203,13 +203,15 @@ def _b64(data: bytes) -> str:
 class SigningPool:
     """Signs SETs in worker processes, off the event loop.
 
-    Why processes: RSA-PSS signing in `cryptography` holds the GIL (two threads sign no
-    faster than one), so a thread would only preempt the event loop in 5 ms slices, and
-    inline signing blocks it ~250 µs per SET: at 500 SETs/s that was a quarter of the
-    loop's busy time, paid by every parked poll's wake-up. Each worker loads the same key
-    (the parent created it first, so the dev key is shared) and keeps the parsed key object.
-    Measured on 2 cores shared with Redis and the load, it was slower than inline (the
-    worker competes for the cores, the executor's thread for the GIL), hence opt-in.
+    Inline signing blocks the loop ~250-350 µs per PS256 SET; at 500 SETs/s that is a
+    quarter of its busy time, paid by every parked poll's wake-up. Threads do not help
+    although `cryptography` releases the GIL while it signs (two threads sign 1.85x as fast
+    as one): the signing thread needs the GIL back for every SET while the loop is busy,
+    and on a 2-core machine shared with Redis and the load a thread made wake-ups several
+    times slower (p50 2.1 -> 9.7 ms; 3.7 ms with a 0.3 ms switch interval) at higher CPU.
+    Worker processes were slower than inline there too (p50 1.7 -> 4.2 ms: pickling, and the
+    worker competing for the cores), hence opt-in, for hosts with cores to spare. Each worker
+    loads the same key (the parent created it first, so the dev key is shared).
     """
 
     def __init__(self, settings: SigningSettings, data_dir: Path, processes: int) -> None:

@@ -80,8 +80,8 @@ async def publish_sets(request: web.Request) -> web.Response:
     if pool is not None:
         jws = await pool.sign(claims)
     else:
-        # Inline (signing.processes = 0). Not on a thread: cryptography holds the GIL while
-        # it signs, so a thread would only preempt the event loop in 5 ms slices.
+        # Inline (signing.processes = 0). Not on a thread: it needs the GIL back for every
+        # SET while the loop is busy, which measured far slower (see SigningPool).
         jws = _sign_all(app[signer_key], claims)
     signed = [
         SignedSet(c["jti"], j, s.event_codes) for c, j, s in zip(claims, jws, inputs, strict=True)

@@ -213,11 +213,14 @@ class Hub:
         waiter._tick = tick
 
     def _unschedule(self, waiter: Waiter) -> None:
-        bucket = self._buckets.get(waiter._tick)
+        tick = waiter._tick
+        bucket = self._buckets.get(tick)
         waiter._tick = 0
         if bucket is not None:
             bucket.discard(waiter)
-            # An empty bucket stays in the heap; the timer skips it when its tick comes.
+            if not bucket:
+                # Its tick stays in the heap; the timer skips ticks without a bucket.
+                del self._buckets[tick]
 
     def _arm_timer(self, loop: asyncio.AbstractEventLoop, tick: int) -> None:
         if self._timer is not None:

@@ -18,7 +18,7 @@ from typing import Any
 
 from aiohttp import web
 
-from broker import jsonutil
+from broker import ids, jsonutil
 from broker.errors import (
     AuthError,
     InvalidRequest,
@@ -310,7 +310,7 @@ def _error_path(e: RequestError) -> str | None:
 
 def interaction_id(request: web.Request) -> str:
     """The caller's x-fapi-interaction-id, else a new one (a UUID, as FAPI asks)."""
-    return request.headers.get(INTERACTION_ID) or str(uuid.uuid4())
+    return request.headers.get(INTERACTION_ID) or ids.uuid4()
 
 
 def answer_error(request: web.Request, e: Exception) -> web.Response:

@@ -11,13 +11,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
 from aiohttp import web
 
-from broker import jsonutil, keyspace, ob
+from broker import ids, jsonutil, keyspace, ob
 from broker.appkeys import (
     hub_key,
     metrics_key,
@@ -111,7 +110,7 @@ async def publish_sets(request: web.Request) -> web.Response:
 def _claims(issuer: str, client_id: str, s: ob.SetInput) -> dict[str, Any]:
     now = int(time.time())
     # A fresh random UUID per SET; jtis are never reused (OB "jti recycling": never).
-    jti = str(uuid.uuid4())
+    jti = ids.uuid4()
     return {
         "iss": issuer,
         "iat": now,

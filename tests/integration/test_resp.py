@@ -16,6 +16,7 @@ from broker.scripts import RespRunner, Script
 def test_commands_are_encoded_as_resp_bulk_arrays():
     assert encode_command(("SET", b"k", 5)) == b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$1\r\n5\r\n"
     assert encode_command(("X", "é")) == b"*2\r\n$1\r\nX\r\n$2\r\n\xc3\xa9\r\n"
+    assert encode_command(("A", 1.5, -2)) == b"*3\r\n$1\r\nA\r\n$3\r\n1.5\r\n$2\r\n-2\r\n"
 
 
 @pytest.fixture

@@ -148,3 +148,13 @@ async def test_several_waiters_on_one_tag_all_wake_and_unregister(hub):
             assert [await f for f in futures] == [True, True, True]
         assert hub.waiting == 1 and hub._waiters == {"u:a": a}
     assert hub.waiting == 0 and hub._waiters == {}
+
+
+async def test_a_deadline_bucket_goes_when_its_last_waiter_leaves(hub):
+    with hub.watch("u:a") as a, hub.watch("u:b") as b:
+        a.until(30)
+        b.until(30.5)
+        assert len(hub._buckets) == 2
+        hub.wake("u:a")
+        assert len(hub._buckets) == 1
+    assert hub._buckets == {}

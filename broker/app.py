@@ -26,9 +26,14 @@ from broker.auth import TokenVerifier
 from broker.config import Settings
 from broker.errors import ConfigError
 from broker.gcstats import GcStats
-from broker.hub import Hub
+from broker.hub import Hub, RedisPyWakeSource, RespWakeSource, WakeSource
 from broker.metrics import Metrics
-from broker.redisconn import create_blocking_client, create_command_client
+from broker.redisconn import (
+    CLIENT_NAME,
+    HUB_CLIENT_NAME,
+    create_blocking_client,
+    create_command_client,
+)
 from broker.resp import RespClient
 from broker.scripts import RedisPyRunner, RespRunner, ScriptRunner
 from broker.signing import Signer, SigningPool
@@ -75,23 +80,35 @@ def create_app(
 
     async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
         command = redis or create_command_client(settings.redis.url, settings.redis)
-        blocking = blocking_redis or create_blocking_client(
-            settings.redis.url, settings.redis, settings.poll.hub_block_ms
-        )
-        # Scripts (every poll and publish) go through one auto-pipelined connection; an
-        # injected client (tests, fakeredis) runs them itself.
-        # (TLS, rediss://, stays on redis-py.)
-        runner: ScriptRunner = (
-            RedisPyRunner(command)
-            if redis is not None or settings.redis.url.startswith("rediss://")
-            else RespRunner(
+        # Scripts (every poll and publish) and the hub's blocking reads each go through one
+        # RespClient connection; injected clients (tests, fakeredis) and TLS (rediss://)
+        # stay on redis-py.
+        runner: ScriptRunner
+        source: WakeSource
+        r = settings.redis
+        if redis is None and not r.url.startswith("rediss://"):
+            runner = RespRunner(
                 RespClient(
-                    settings.redis.url,
-                    timeout_s=settings.redis.socket_timeout_s,
-                    connect_timeout_s=settings.redis.socket_timeout_s,
+                    r.url,
+                    timeout_s=r.socket_timeout_s,
+                    connect_timeout_s=r.socket_timeout_s,
+                    name=CLIENT_NAME,
                 )
             )
-        )
+            source = RespWakeSource(
+                RespClient(
+                    r.url,
+                    # the watchdog must not mistake a blocking read for a hung server
+                    timeout_s=settings.poll.hub_block_ms / 1000 + r.socket_timeout_s,
+                    connect_timeout_s=r.socket_timeout_s,
+                    name=HUB_CLIENT_NAME,
+                )
+            )
+        else:
+            runner = RedisPyRunner(command)
+            source = RedisPyWakeSource(
+                blocking_redis or create_blocking_client(r.url, r, settings.poll.hub_block_ms)
+            )
         app[store_key] = QueueStore(
             command,
             ttl_s=settings.queues.ttl_s,
@@ -100,7 +117,7 @@ def create_app(
             idempotency_ttl_s=settings.publish.idempotency_ttl_s,
             runner=runner,
         )
-        hub = Hub(blocking, block_ms=settings.poll.hub_block_ms)
+        hub = Hub(source, block_ms=settings.poll.hub_block_ms)
         await hub.start()
         app[hub_key] = hub
         try:

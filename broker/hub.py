@@ -23,14 +23,85 @@ import contextlib
 import heapq
 import logging
 import math
+import typing
 from typing import Any
 
 import redis.exceptions
 from redis.asyncio import Redis
 
 from broker import keyspace
+from broker.resp import RespClient
 
 log = logging.getLogger(__name__)
+
+
+class WakeSource(typing.Protocol):
+    """Where the hub reads hints: the wake-up stream, over some Redis connection."""
+
+    async def last_id(self) -> str:
+        """The id of the newest hint, "0-0" when there is none."""
+
+    async def read(self, after: str, count: int, block_ms: int) -> list[tuple[str, str]]:
+        """Up to `count` hints after `after` as (id, tag), blocking up to `block_ms`."""
+
+    async def aclose(self) -> None: ...
+
+
+class RespWakeSource:
+    """Hints over a dedicated RespClient connection (production: redis:// and unix:// URLs).
+
+    Cheaper than redis-py per read (the hub reads once per burst of publishes: at 1,000
+    publishes/s redis-py's call path was ~8% of the process's busy time), and a cancel
+    lands on a plain future, so shutdown is never swallowed by a read in progress.
+    """
+
+    def __init__(self, client: RespClient) -> None:
+        self.client = client
+
+    async def last_id(self) -> str:
+        last = await self.client.execute("XREVRANGE", keyspace.WAKE_STREAM, "+", "-", "COUNT", 1)
+        return str(last[0][0].decode()) if last else "0-0"
+
+    async def read(self, after: str, count: int, block_ms: int) -> list[tuple[str, str]]:
+        reply = await self.client.execute(
+            "XREAD", "COUNT", count, "BLOCK", block_ms, "STREAMS", keyspace.WAKE_STREAM, after
+        )
+        if not reply:  # nil: the block time passed without a hint
+            return []
+        return [(entry_id.decode(), _tag(fields)) for entry_id, fields in reply[0][1]]
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+
+class RedisPyWakeSource:
+    """Hints over a redis-py client (TLS URLs, and fakeredis in tests)."""
+
+    def __init__(self, redis: Redis) -> None:
+        self.redis = redis
+
+    async def last_id(self) -> str:
+        last: Any = await self.redis.xrevrange(keyspace.WAKE_STREAM, "+", "-", count=1)
+        return str(last[0][0].decode()) if last else "0-0"
+
+    async def read(self, after: str, count: int, block_ms: int) -> list[tuple[str, str]]:
+        reply = await self.redis.xread({keyspace.WAKE_STREAM: after}, count=count, block=block_ms)
+        if not reply:
+            return []
+        return [
+            (entry_id.decode(), fields.get(b"t", b"").decode())
+            for entry_id, fields in _stream_entries(reply)
+        ]
+
+    async def aclose(self) -> None:
+        await self.redis.aclose()
+
+
+def _tag(fields: list[bytes]) -> str:
+    for i in range(0, len(fields) - 1, 2):
+        if fields[i] == b"t":
+            return fields[i + 1].decode()
+    return ""
 
 
 class Waiter:
@@ -103,8 +174,8 @@ TICK_S = 0.01
 
 
 class Hub:
-    def __init__(self, redis: Redis, *, block_ms: int = 5000) -> None:
-        self.redis = redis
+    def __init__(self, source: WakeSource | Redis, *, block_ms: int = 5000) -> None:
+        self.source: WakeSource = RedisPyWakeSource(source) if isinstance(source, Redis) else source
         self.block_ms = block_ms
         # tag -> its waiter, or a set when several polls wait on one tag (rare: one consumer
         # polling several queues). A set per waiter would cost ~200 bytes each.
@@ -140,8 +211,7 @@ class Hub:
 
     async def start(self) -> None:
         """Start the reader at the current end of the wake-up stream."""
-        last: Any = await self.redis.xrevrange(keyspace.WAKE_STREAM, "+", "-", count=1)
-        self._last_id = last[0][0].decode() if last else "0-0"
+        self._last_id = await self.source.last_id()
         self._task = asyncio.create_task(self._run(), name="broker-hub")
         self._ready.set()
 
@@ -155,7 +225,7 @@ class Hub:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         self.wake_all()
-        await self.redis.aclose()
+        await self.source.aclose()
 
     def watch(self, tag: str) -> Waiter:
         """A waiter for `tag`, registered while its `with` block runs."""
@@ -263,9 +333,7 @@ class Hub:
         # read (returning or raising something else), so cancel() alone may not stop us.
         while not self.stopping():
             try:
-                reply = await self.redis.xread(
-                    {keyspace.WAKE_STREAM: self._last_id}, count=1000, block=self.block_ms
-                )
+                hints = await self.source.read(self._last_id, 1000, self.block_ms)
             except asyncio.CancelledError:
                 raise
             except (redis.exceptions.RedisError, OSError) as e:
@@ -282,14 +350,13 @@ class Hub:
                 backoff = min(backoff * 2, 2.0)
                 continue
             backoff = 0.05
-            if not reply:
+            if not hints:
                 continue
-            entries = _stream_entries(reply)
-            self._last_id = entries[-1][0].decode()
-            self.hints += len(entries)
+            self._last_id = hints[-1][0]
+            self.hints += len(hints)
             # A burst of publishes for one tag costs one wake-up.
-            for tag in {fields.get(b"t", b"") for _id, fields in entries}:
-                self.wake(tag.decode())
+            for tag in {tag for _id, tag in hints}:
+                self.wake(tag)
 
 
 def _stream_entries(reply: Any) -> list[tuple[bytes, dict[bytes, bytes]]]:

@@ -82,7 +82,14 @@ class _Protocol(asyncio.Protocol):
 class RespClient:
     """One auto-pipelined connection to Redis; `execute` sends a command, returns its reply."""
 
-    def __init__(self, url: str, *, timeout_s: float = 5.0, connect_timeout_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout_s: float = 5.0,
+        connect_timeout_s: float = 5.0,
+        name: str = "",
+    ) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("redis", "unix"):
             raise ValueError(f"RespClient takes redis:// or unix:// URLs, not {url!r}")
@@ -100,6 +107,8 @@ class RespClient:
             self._setup.append(("AUTH", user, password) if user else ("AUTH", password))
         if db:
             self._setup.append(("SELECT", db))
+        if name:  # shown by CLIENT LIST, so an operator can tell connections apart
+            self._setup.append(("CLIENT", "SETNAME", name))
         self.timeout_s = timeout_s
         self.connect_timeout_s = connect_timeout_s
         self._proto: _Protocol | None = None

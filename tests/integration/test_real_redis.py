@@ -8,11 +8,19 @@ import time
 import pytest
 from redis.asyncio import Redis
 
+from broker import keyspace
 from broker.app import create_app
 from broker.appkeys import hub_key
+from broker.config import Settings
 from broker.embedded import EmbeddedRedis
-from broker.hub import Hub
-from broker.redisconn import create_blocking_client, create_command_client
+from broker.hub import Hub, RedisPyWakeSource, RespWakeSource, WakeSource
+from broker.redisconn import (
+    CLIENT_NAME,
+    HUB_CLIENT_NAME,
+    create_blocking_client,
+    create_command_client,
+)
+from broker.resp import RespClient
 from tests.oxlin_helpers import connection_event, publish, subscribe
 
 
@@ -86,12 +94,44 @@ async def test_an_app_keeps_at_most_four_redis_connections_whatever_the_waiters(
     await asyncio.gather(*polls, return_exceptions=True)
 
 
-async def test_hub_read_outlives_its_block_time_without_errors(settings, real_redis):
-    hub = Hub(create_blocking_client(real_redis.url, settings.redis, 200), block_ms=200)
+def _wake_source(kind: str, url: str, settings: Settings) -> WakeSource:
+    if kind == "resp":
+        return RespWakeSource(RespClient(url, timeout_s=0.2 + settings.redis.socket_timeout_s))
+    return RedisPyWakeSource(create_blocking_client(url, settings.redis, 200))
+
+
+@pytest.mark.parametrize("kind", ["resp", "redis-py"])
+async def test_hub_read_outlives_its_block_time_without_errors(settings, real_redis, kind):
+    hub = Hub(_wake_source(kind, real_redis.url, settings), block_ms=200)
     await hub.start()
     await asyncio.sleep(1.0)  # five empty blocking reads
     assert hub.running and hub.reconnects == 0
     await hub.aclose()
+
+
+@pytest.mark.parametrize("kind", ["resp", "redis-py"])
+async def test_hub_wakes_the_waiters_of_the_tags_it_reads(settings, real_redis, kind):
+    writer = real_redis.client()
+    await writer.xadd(keyspace.WAKE_STREAM, {"t": "u:old"})  # before start: not a hint for us
+    hub = Hub(_wake_source(kind, real_redis.url, settings), block_ms=200)
+    await hub.start()
+    with hub.watch("u:a") as a, hub.watch("u:b") as b, hub.watch("u:old") as old:
+        fa, fb, fold = a.until(5), b.until(0.5), old.until(0.5)
+        await writer.xadd(keyspace.WAKE_STREAM, {"t": "u:a"})
+        await writer.xadd(keyspace.WAKE_STREAM, {"x": "1", "t": "u:a"})  # field order is free
+        assert await asyncio.wait_for(fa, 2) is True
+        assert await fb is False and await fold is False
+    assert hub.hints == 2
+    await hub.aclose()
+
+
+async def test_an_app_names_its_redis_connections(aiohttp_client, settings, real_redis):
+    app = create_app(settings.replace(redis={"url": real_redis.url}))
+    client = await aiohttp_client(app)
+    r = await client.get("/readyz")
+    assert r.status == 200
+    names = {c["name"] for c in await real_redis.client().client_list()}
+    assert {CLIENT_NAME, HUB_CLIENT_NAME} <= names
 
 
 async def test_events_survive_a_server_restart_with_aof(tmp_path, settings, auth, aiohttp_client):

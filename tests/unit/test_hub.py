@@ -9,7 +9,7 @@ import fakeredis
 import pytest
 
 from broker import keyspace
-from broker.hub import Hub
+from broker.hub import Hub, RedisPyWakeSource
 
 
 @pytest.fixture
@@ -58,7 +58,8 @@ async def test_a_wake_before_the_wait_is_kept_until_rearmed(hub):
 
 async def test_hints_on_the_wake_stream_wake_local_waiters(hub):
     with hub.watch("u:a") as w:
-        await hub.redis.xadd(keyspace.WAKE_STREAM, {"t": "u:a"})
+        assert isinstance(hub.source, RedisPyWakeSource)
+        await hub.source.redis.xadd(keyspace.WAKE_STREAM, {"t": "u:a"})
         assert await w.wait(2) is True
     assert hub.hints >= 1
 

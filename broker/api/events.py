@@ -175,7 +175,8 @@ async def poll_events(request: web.Request) -> web.Response:
                     if outcome.next_lease_s is not None:
                         remaining = min(remaining, outcome.next_lease_s + 0.005)
                     parked(request)
-                    await waiter.until(remaining)
+                    if not await waiter.until(remaining) and loop.time() >= deadline:
+                        break  # timed out with no hint: no last read (see queues.poll)
 
         metrics = app[metrics_key]
         metrics.event_polls_total += 1

@@ -252,3 +252,31 @@ async def test_a_parked_poll_holds_no_idle_timer_and_its_connection_stays_alive(
         r = await poller.get(client.make_url(loc), headers=auth("u1"))
         assert r.status == 204
         assert busy._manager.requests_count == served + 1 and busy in server.connections
+
+
+async def test_a_timed_out_poll_reads_its_queue_once(client, auth, monkeypatch):
+    """No hint came, so nothing was published: the time-out answers 204 without a re-read."""
+    loc = await subscribe(client, auth, "u1")
+    store = client.app[store_key]
+    calls = 0
+    real = store.poll
+
+    async def counting(*args, **kwargs):
+        nonlocal calls
+        calls += 1
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(store, "poll", counting)
+    r = await client.get(loc + "?wait=0.3", headers=auth("u1"))
+    assert r.status == 204 and calls == 1
+    # a woken poll re-reads, and gets the event
+    poll = asyncio.ensure_future(client.get(loc + "?wait=5", headers=auth("u1")))
+    for _ in range(100):
+        if client.app[hub_key].waiting == 1:
+            break
+        await asyncio.sleep(0.02)
+    await publish(client, auth, "u1", connection_event())
+    r = await asyncio.wait_for(poll, 3)
+    # (3, or more if an extra hint came: on a fresh server the first publish's NOSCRIPT
+    # retry sends its hint twice)
+    assert r.status == 200 and calls >= 3

@@ -8,12 +8,14 @@
 -- is served the same events again, not the next ones), and queue_rewind undoes a poll by it.
 -- Returns false when the queue does not exist (unknown, expired or another user's), else
 -- {dropped count, entries}.
-if redis.call('EXISTS', KEYS[2]) == 0 then return false end
+-- Every queue has a cursor from its subscription on: no cursor, no queue (one call, not an
+-- EXISTS and then an HMGET; this script runs once per poll).
+local meta = redis.call('HMGET', KEYS[2], 'cursor', 'dropped', 'ptok', 'pprev')
+local cursor = meta[1]
+if not cursor then return false end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ttl = tonumber(ARGV[1])
-local meta = redis.call('HMGET', KEYS[2], 'cursor', 'dropped', 'ptok', 'pprev')
-local cursor = meta[1]
 local dropped = tonumber(meta[2] or '0')
 if meta[3] == ARGV[4] then
   local again = {}
@@ -22,7 +24,9 @@ if meta[3] == ARGV[4] then
   end
   return {0, again}
 end
-if cursor ~= '0-0' then
+-- Entries up to pprev went with the poll before; when that poll found nothing (or was
+-- rewound), pprev == cursor and there is nothing to trim.
+if cursor ~= '0-0' and cursor ~= meta[4] then
   local ms, seq = string.match(cursor, '^(%d+)-(%d+)$')
   redis.call('XTRIM', KEYS[3], 'MINID', ms .. '-' .. (tonumber(seq) + 1))
 end

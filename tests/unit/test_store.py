@@ -94,3 +94,22 @@ async def test_publish_reloads_its_script_after_a_script_flush(store):
     result = await store.publish("u1", _events(2))
     assert result.queues == 1 and len(result.ids) == 2
     assert (await store.poll("u1", qid)).count == 2
+
+
+async def test_answered_events_leave_the_stream_one_poll_later(store):
+    """Kept for one more poll (so a lost answer can be rewound), then trimmed away."""
+    qid = await store.subscribe("u1", ["connections"])
+    stream = keyspace.queue_stream(keyspace.user_tag("u1"), qid)
+    await store.publish("u1", _events(3))
+    a = await store.poll("u1", qid)
+    assert a.count == 2 and await store.redis.xlen(stream) == 3
+    b = await store.poll("u1", qid)
+    assert b.count == 1 and await store.redis.xlen(stream) == 1  # a's two are gone
+    assert await store.rewind("u1", qid, b.token)
+    again = await store.poll("u1", qid)
+    assert again.body == b.body  # the rewound event, served again
+    assert (await store.poll("u1", qid)).count == 0
+    assert await store.redis.xlen(stream) == 0
+    assert (await store.poll("u1", qid)).count == 0  # nothing left to trim: still fine
+    await store.publish("u1", _events(1))
+    assert (await store.poll("u1", qid)).count == 1

@@ -36,7 +36,8 @@ from broker.redisconn import (
 )
 from broker.resp import RespClient
 from broker.scripts import RedisPyRunner, RespRunner, ScriptRunner
-from broker.signing import Signer, SigningPool
+from broker.signing import Signer, key_path
+from broker.signproc import SigningProcesses
 from broker.store import QueueStore
 
 log = logging.getLogger(__name__)
@@ -68,13 +69,15 @@ def create_app(
         if settings.signing.processes <= 0:
             yield
             return
-        pool = SigningPool(settings.signing, settings.data_dir, settings.signing.processes)
-        await asyncio.get_running_loop().run_in_executor(None, pool.warm_up)
-        app[signing_pool_key] = pool
+        procs = SigningProcesses(
+            key_path(settings.signing, settings.data_dir), settings.signing.processes
+        )
+        await procs.start()
+        app[signing_pool_key] = procs
         try:
             yield
         finally:
-            await asyncio.get_running_loop().run_in_executor(None, pool.close)
+            await procs.aclose()
 
     app.cleanup_ctx.append(signing_ctx)
 

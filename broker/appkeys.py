@@ -14,7 +14,8 @@ if TYPE_CHECKING:
     from broker.hub import Hub
     from broker.metrics import Metrics
     from broker.sets import SetStore
-    from broker.signing import Signer, SigningPool
+    from broker.signing import Signer
+    from broker.signproc import SigningProcesses
     from broker.store import QueueStore
     from broker.subscriptions import SubscriptionStore
 
@@ -28,7 +29,7 @@ gcstats_key: web.AppKey[GcStats] = web.AppKey("gcstats")
 background_key: web.AppKey[set[asyncio.Future[Any]]] = web.AppKey("background")
 # Open Banking: the SET signer, the SET store and the event subscriptions.
 signer_key: web.AppKey[Signer] = web.AppKey("signer")
-# Worker processes that sign SETs, when signing.processes > 0.
-signing_pool_key: web.AppKey[SigningPool | None] = web.AppKey("signing_pool")
+# The processes that sign SETs, when signing.processes > 0 (signproc.py).
+signing_pool_key: web.AppKey[SigningProcesses | None] = web.AppKey("signing_pool")
 sets_key: web.AppKey[SetStore] = web.AppKey("sets")
 subscriptions_key: web.AppKey[SubscriptionStore] = web.AppKey("subscriptions")

@@ -189,7 +189,8 @@ class SigningSettings:
     ob_iss: str = "0015800001041RHAAY"
     ob_tan: str = "openbanking.org.uk"
     jwks_max_age_s: int = 300
-    # Worker processes that sign SETs (PS256 takes the loop ~300 µs a SET); 0: sign inline.
+    # Processes that make the PS256 signatures (signproc.py; a signature takes the event loop
+    # ~300 µs otherwise); 0: sign on the loop.
     processes: int = 0
 
     def check(self) -> None:

@@ -2,8 +2,9 @@
 
 A SET is signed once, when it is published, and the compact JWS is what the store keeps; a
 poll never signs. PS256 (RSASSA-PSS, SHA-256) is the only algorithm: OB message signing
-requires it. The key object is parsed once at start: pyjwt re-parses PEM text on every call,
-about 100 times slower than signing with a loaded key.
+requires it. The JWS is put together here (RFC 7515 compact form) around one call to
+`cryptography` with a key object parsed once at start; the signature itself can be made in
+another process (signproc.py), which only needs the signing input.
 
 Headers, by `signing.profile`:
 - "ob" (default): OB message signing without `typ` (OB: absent or "JOSE"; RFC 8417's
@@ -14,20 +15,16 @@ Headers, by `signing.profile`:
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
-import multiprocessing
 import time
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import jwt
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from broker import jsonutil
 from broker.config import SigningSettings
@@ -79,7 +76,6 @@ class Signer:
         self._key = private_key
         self._ob_iss = ob_iss
         self._ob_tan = ob_tan
-        self._jws = jwt.PyJWS()
         keys = [PublicKey(kid, private_key.public_key())]
         keys += [p for p in previous if p.kid != kid]
         self.public_keys: tuple[PublicKey, ...] = tuple(keys)
@@ -90,7 +86,7 @@ class Signer:
     def from_settings(cls, settings: SigningSettings, data_dir: Path) -> Signer:
         """The signer of `settings`: `key_file`, or a dev key generated once under data_dir."""
         if settings.key_file:
-            key = _load_private(Path(settings.key_file))
+            key = _load_private(key_path(settings, data_dir))
         else:
             key = load_or_create_dev_key(data_dir)
         previous = []
@@ -113,30 +109,53 @@ class Signer:
         )
 
     def header(self, now: int | None = None) -> dict[str, Any]:
-        """The JOSE header of a SET signed now (pyjwt adds `alg`)."""
+        """The JOSE header of a SET signed now."""
         if self.profile == "rfc8417":
-            return {"kid": self.kid, "typ": SECEVENT_TYP}
+            return {"alg": ALGORITHM, "kid": self.kid, "typ": SECEVENT_TYP}
+        # No typ: OB allows it absent or "JOSE", and RFC 8417's "secevent+jwt" would break that.
         return {
+            "alg": ALGORITHM,
             "kid": self.kid,
-            # typ None: pyjwt would otherwise add "typ": "JWT", which OB forbids.
-            "typ": None,
             OB_IAT: int(time.time()) if now is None else now,
             OB_ISS: self._ob_iss,
             OB_TAN: self._ob_tan,
             "crit": list(OB_CRIT),
         }
 
+    def signing_input(self, claims: Mapping[str, Any]) -> bytes:
+        """BASE64URL(header) "." BASE64URL(claims): what the signature covers (RFC 7515 §5.1)."""
+        try:
+            payload = jsonutil.dumps(claims)
+        except TypeError as e:
+            raise SigningError(f"could not sign SET: {e}") from e
+        return _b64b(jsonutil.dumps(self.header(claims.get("iat")))) + b"." + _b64b(payload)
+
     def sign_set(self, claims: Mapping[str, Any]) -> str:
         """The compact JWS of a SET whose claims are `claims` (already complete)."""
-        try:
-            return self._jws.encode(
-                jsonutil.dumps(claims),
-                self._key,
-                algorithm=ALGORITHM,
-                headers=self.header(claims.get("iat")),
-            )
-        except (jwt.PyJWTError, ValueError, TypeError) as e:
-            raise SigningError(f"could not sign SET: {e}") from e
+        data = self.signing_input(claims)
+        return compact_jws(data, sign_ps256(self._key, data))
+
+
+# RSASSA-PSS with SHA-256, MGF1 with SHA-256 and a salt as long as the hash (RFC 7518 §3.5).
+_PSS = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=padding.PSS.DIGEST_LENGTH)
+
+
+def sign_ps256(key: rsa.RSAPrivateKey, data: bytes) -> bytes:
+    return key.sign(data, _PSS, hashes.SHA256())
+
+
+def compact_jws(signing_input: bytes, signature: bytes) -> str:
+    """The JWS compact serialization: signing input "." BASE64URL(signature)."""
+    return (signing_input + b"." + _b64b(signature)).decode("ascii")
+
+
+def _b64b(data: bytes) -> bytes:
+    return base64.urlsafe_b64encode(data).rstrip(b"=")
+
+
+def key_path(settings: SigningSettings, data_dir: Path) -> Path:
+    """Where the signing key is: `signing.key_file`, or the dev key under data_dir."""
+    return Path(settings.key_file) if settings.key_file else data_dir / DEV_KEY_NAME
 
 
 def thumbprint(key: rsa.RSAPublicKey) -> str:
@@ -198,50 +217,3 @@ def _int_bytes(value: int) -> bytes:
 
 def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
-class SigningPool:
-    """Signs SETs in worker processes, off the event loop.
-
-    Inline signing blocks the loop ~250-350 µs per PS256 SET; at 500 SETs/s that is a
-    quarter of its busy time, paid by every parked poll's wake-up. Threads do not help
-    although `cryptography` releases the GIL while it signs (two threads sign 1.85x as fast
-    as one): the signing thread needs the GIL back for every SET while the loop is busy,
-    and on a 2-core machine shared with Redis and the load a thread made wake-ups several
-    times slower (p50 2.1 -> 9.7 ms; 3.7 ms with a 0.3 ms switch interval) at higher CPU.
-    Worker processes were slower than inline there too (p50 1.7 -> 4.2 ms: pickling, and the
-    worker competing for the cores), hence opt-in, for hosts with cores to spare. Each worker
-    loads the same key (the parent created it first, so the dev key is shared).
-    """
-
-    def __init__(self, settings: SigningSettings, data_dir: Path, processes: int) -> None:
-        self._pool = ProcessPoolExecutor(
-            max_workers=processes,
-            mp_context=multiprocessing.get_context("spawn"),
-            initializer=_init_worker,
-            initargs=(settings, str(data_dir)),
-        )
-
-    async def sign(self, claims: Sequence[Mapping[str, Any]]) -> list[str]:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, _sign_in_worker, list(claims))
-
-    def warm_up(self) -> None:
-        """Start the workers now (imports take ~1 s), not on the first publish."""
-        self._pool.submit(_sign_in_worker, []).result()
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
-
-
-_worker_signer: Signer | None = None
-
-
-def _init_worker(settings: SigningSettings, data_dir: str) -> None:
-    global _worker_signer
-    _worker_signer = Signer.from_settings(settings, Path(data_dir))
-
-
-def _sign_in_worker(claims: list[Mapping[str, Any]]) -> list[str]:
-    assert _worker_signer is not None, "worker initializer did not run"
-    return [_worker_signer.sign_set(c) for c in claims]

@@ -1,25 +1,99 @@
-"""SETs signed in worker processes (signing.processes > 0) verify like inline ones."""
+"""SETs signed in signing processes (signing.processes > 0) verify like inline ones."""
 
 from __future__ import annotations
 
+import asyncio
 import os
+import signal
 
-from broker.appkeys import signing_pool_key
+import pytest
+
+from broker.appkeys import signer_key, signing_pool_key
+from broker.errors import SigningError
+from broker.signing import Signer
+from broker.signproc import SigningProcesses
 from tests.ob_helpers import TPP, fetch_jwks, resource_update, verify_set
 
 
-async def test_sets_signed_in_a_worker_process_verify_against_the_jwks(make_client, auth):
-    client = await make_client(signing={"processes": 1})
-    pool = client.app[signing_pool_key]
-    assert pool is not None
-    # the signature really comes from another process
-    workers = list(pool._pool._processes.values())
-    assert workers and all(p.pid != os.getpid() for p in workers)
+async def test_sets_signed_in_a_signing_process_verify_against_the_jwks(
+    make_client, auth, monkeypatch
+):
+    client = await make_client(signing={"processes": 2})
+    procs = client.app[signing_pool_key]
+    assert procs is not None
+    children = [c for c in procs._children if c is not None]
+    assert len(children) == 2 and all(c.proc.pid != os.getpid() for c in children)
+    # the loop never signs: the signer's own key is not used
+    signer = client.app[signer_key]
+
+    def not_here(_data):
+        raise AssertionError("signed on the event loop")
+
+    monkeypatch.setattr("broker.signing.sign_ps256", not_here)
     tpp = TPP(client, auth, "tpp-pool")
     await tpp.subscribe()
     jtis = await tpp.publish(*[resource_update(f"R{i}") for i in range(20)])
+    jtis += await tpp.publish(resource_update("R20"))  # the other child's turn
     sets, more = await tpp.poll_ok({"returnImmediately": True, "maxEvents": 100})
     assert list(sets) == jtis and more is False
     keys = await fetch_jwks(client)
     for jti, token in sets.items():
         verify_set(keys, token, jti=jti, aud="tpp-pool")
+    assert signer.kid in {k["kid"] for k in keys["keys"]}
+
+
+async def test_a_signing_process_that_dies_fails_its_sets_and_is_replaced(tmp_path):
+    Signer.from_settings(_settings(), tmp_path)  # creates the dev key
+    procs = SigningProcesses(tmp_path / "set-signing.pem", 1)
+    await procs.start()
+    try:
+        (child,) = procs._children
+        assert child is not None
+        os.kill(child.proc.pid, signal.SIGKILL)
+        await child.proc.wait()
+        await asyncio.sleep(0.05)
+        sigs = await procs.sign([b"a.b", b"c.d"])  # a new child answers
+        assert [len(s) for s in sigs] == [256, 256]
+        assert procs._children[0] is not child
+        # a child killed with SETs in flight fails them, it does not hang
+        new = procs._children[0]
+        assert new is not None and new.proc.stdin is not None
+        new.proc.stdin.write(b"\x00\x00\x10\x00")  # a frame the child waits on forever
+        pending = asyncio.ensure_future(procs.sign([b"e.f"]))
+        await asyncio.sleep(0.1)
+        os.kill(new.proc.pid, signal.SIGKILL)
+        with pytest.raises(SigningError, match="exited"):
+            await asyncio.wait_for(pending, 5)
+    finally:
+        await procs.aclose()
+    with pytest.raises(SigningError, match="closed"):
+        await procs.sign([b"x.y"])
+
+
+async def test_a_bad_key_file_fails_at_start(tmp_path):
+    bad = tmp_path / "bad.pem"
+    bad.write_text("not a key")
+    procs = SigningProcesses(bad, 1)
+    with pytest.raises(SigningError):
+        await asyncio.wait_for(procs.start(), 20)
+    await procs.aclose()
+
+
+def _settings():
+    from broker.config import SigningSettings
+
+    return SigningSettings()
+
+
+async def test_every_signature_comes_back_whatever_its_first_byte(tmp_path):
+    """Signatures are random bytes: none may be mistaken for an error reply."""
+    Signer.from_settings(_settings(), tmp_path)
+    procs = SigningProcesses(tmp_path / "set-signing.pem", 1)
+    await procs.start()
+    try:
+        inputs = [f"h.{i}".encode() for i in range(1500)]
+        sigs = await procs.sign(inputs)
+    finally:
+        await procs.aclose()
+    assert len(sigs) == 1500 and all(len(s) == 256 for s in sigs)
+    assert len({s[0] for s in sigs}) > 100  # first bytes of many kinds came through

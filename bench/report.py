@@ -195,6 +195,11 @@ def markdown(results: dict[str, Any]) -> str:
             f"{w['late_1s']} | {w['stranded']} | {w['lost']} | {w['duplicates']} | "
             f"{h['seconds_to_clear']} s |"
         )
+    by_api = ((results["long_poll"].get("broker") or {}).get("wake") or {}).get("latency_by_api_ms")
+    if by_api and len(by_api) > 1:
+        # Half the broker's waiters are OB: their events are SETs, signed (PS256) at publish.
+        parts = [f"{api} {_fmt_lat(lat)}" for api, lat in sorted(by_api.items())]
+        out += ["", "Broker latency by API, p50 / p90 / p99 / max (ms): " + "; ".join(parts) + "."]
     out += [
         "",
         "Short polls (wrk, "

@@ -104,5 +104,14 @@ def sets_nacked(tag: str) -> str:
     return base(tag) + ":sets:nacked"
 
 
+def sets_poll_keys(tag: str) -> list[str]:
+    """The keys of sets_poll.lua, in its order: all, ready, leased, jws, nacked.
+
+    Built from one prefix: this runs on every OB poll.
+    """
+    b = base(tag) + ":sets"
+    return [b, b + ":ready", b + ":lease", b + ":jws", b + ":nacked"]
+
+
 def subscription(tag: str) -> str:
     return base(tag) + ":sub"

@@ -22,14 +22,14 @@ from redis.asyncio import Redis
 
 from broker import jsonutil, keyspace
 from broker.scripts import RedisPyRunner, Script, ScriptRunner
-from broker.store import guard, idempotent
+from broker.store import UNAVAILABLE, guard
 
 QUEUED = 1
 NO_SUBSCRIPTION = 0
 NOT_SUBSCRIBED = -1
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen __init__ costs 4x, and one is made per request
 class SignedSet:
     """A SET ready to store: its jti, compact JWS and the OB codes of its events."""
 
@@ -38,13 +38,13 @@ class SignedSet:
     event_codes: tuple[str, ...]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen __init__ costs 4x, and one is made per request
 class PublishOutcome:
     flags: list[int]  # per SET: QUEUED, NO_SUBSCRIPTION or NOT_SUBSCRIBED
     expired: int  # unacked SETs dropped past the retention by this step
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen __init__ costs 4x, and one is made per request
 class PollOutcome:
     sets: dict[str, str]  # jti -> compact JWS, oldest first
     more: bool  # deliverable SETs remain beyond these
@@ -115,16 +115,14 @@ class SetStore:
             # Escaped here, where a JSON encoder is at hand; the script only prepends the JWS.
             record = {"err": err, "description": description, "at": now_ms}
             args += (jti, jsonutil.dumps(record))
-        keys = [
-            keyspace.sets_all(tag),
-            keyspace.sets_ready(tag),
-            keyspace.sets_leased(tag),
-            keyspace.sets_jws(tag),
-            keyspace.sets_nacked(tag),
-        ]
+        keys = keyspace.sets_poll_keys(tag)
         # Safe to repeat: acks and nacks are idempotent, and a SET selected by a poll whose
         # answer was lost is unacked, so it is delivered again (at once, or after its lease).
-        reply = await idempotent(lambda: self.runner.run(self._poll, keys, args))
+        # (idempotent() by hand: no closure and no extra coroutine on every poll.)
+        try:
+            reply = await self.runner.run(self._poll, keys, args)
+        except UNAVAILABLE:
+            reply = await guard(self.runner.run(self._poll, keys, args))
         acked, nacked, expired, more, next_ms, flat = reply
         sets = {flat[i].decode(): flat[i + 1].decode() for i in range(0, len(flat), 2)}
         return PollOutcome(

@@ -24,6 +24,7 @@ from broker.errors import (
     MethodNotAllowed,
     NotFound,
     RequestError,
+    SigningError,
     StoreUnavailable,
     from_http_status,
 )
@@ -56,6 +57,14 @@ def answer_error(request: web.Request, e: Exception) -> web.Response:
         log.warning("store unavailable: %s", e)
         return jsonutil.json_response(
             error_body("unavailable", "the event store is unavailable; retry shortly"),
+            status=503,
+            headers={"Retry-After": "1"},
+        )
+    if isinstance(e, SigningError):
+        # A signing process died or failed: nothing was stored, and a retry gets a new one.
+        log.warning("SET signing failed: %s", e)
+        return jsonutil.json_response(
+            error_body("signing_unavailable", "SETs could not be signed; nothing was stored"),
             status=503,
             headers={"Retry-After": "1"},
         )

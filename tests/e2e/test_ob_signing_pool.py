@@ -97,3 +97,27 @@ async def test_every_signature_comes_back_whatever_its_first_byte(tmp_path):
         await procs.aclose()
     assert len(sigs) == 1500 and all(len(s) == 256 for s in sigs)
     assert len({s[0] for s in sigs}) > 100  # first bytes of many kinds came through
+
+
+async def test_a_publish_whose_signing_fails_is_a_503_and_stores_nothing(
+    make_client, auth, monkeypatch
+):
+    client = await make_client(signing={"processes": 1})
+    procs = client.app[signing_pool_key]
+    assert procs is not None
+    tpp = TPP(client, auth, "tpp-fail")
+    await tpp.subscribe()
+
+    async def dead(_inputs):
+        raise SigningError("the signing process exited (IncompleteReadError)")
+
+    monkeypatch.setattr(procs, "sign", dead)
+    r = await client.post(
+        "/publish/clients/tpp-fail/sets",
+        json=resource_update("R1"),
+        headers=auth("producer", scopes=["events:publish"]),
+    )
+    assert r.status == 503 and r.headers["Retry-After"] == "1"
+    assert (await r.json())["error"] == "signing_unavailable"
+    sets, _ = await tpp.poll_ok({"returnImmediately": True})
+    assert sets == {}

@@ -150,7 +150,11 @@ def _principal(claims: dict[str, Any]) -> Principal:
         client_id = sub  # one string, not two equal ones, in every cached principal
     # Tokens carry a handful of distinct scope sets: share them (a frozenset is 200+ bytes,
     # and a cached principal lives as long as its consumer keeps polling).
-    scopes = _SCOPE_SETS.setdefault(scopes, scopes) if len(_SCOPE_SETS) < 1024 else scopes
+    shared = _SCOPE_SETS.get(scopes)
+    if shared is not None:
+        scopes = shared
+    elif len(_SCOPE_SETS) < 1024:  # bounded: scopes come from tokens
+        _SCOPE_SETS[scopes] = scopes
     return Principal(sub=sub, scopes=scopes, client_id=client_id, expires_at=float(claims["exp"]))
 
 

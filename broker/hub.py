@@ -185,6 +185,7 @@ class Hub:
         # one loop timer, armed for the earliest tick.
         self._buckets: dict[int, set[Waiter]] = {}
         self._ticks: list[int] = []
+        self._in_heap: set[int] = set()
         self._timer: asyncio.TimerHandle | None = None
         self._timer_tick = 0
         self._last_id = "0-0"
@@ -276,7 +277,9 @@ class Hub:
         bucket = self._buckets.get(tick)
         if bucket is None:
             bucket = self._buckets[tick] = set()
-            heapq.heappush(self._ticks, tick)
+            if tick not in self._in_heap:  # a bucket emptied and made again: pushed once
+                self._in_heap.add(tick)
+                heapq.heappush(self._ticks, tick)
             if self._timer is None or tick < self._timer_tick:
                 self._arm_timer(loop, tick)
         bucket.add(waiter)
@@ -289,28 +292,32 @@ class Hub:
         if bucket is not None:
             bucket.discard(waiter)
             if not bucket:
-                # Its tick stays in the heap; the timer skips ticks without a bucket.
+                # Its tick stays in the heap (and _in_heap); the timer skips it.
                 del self._buckets[tick]
 
     def _arm_timer(self, loop: asyncio.AbstractEventLoop, tick: int) -> None:
         if self._timer is not None:
             self._timer.cancel()
         self._timer_tick = tick
-        self._timer = loop.call_at(tick * TICK_S, self._expire_due, loop)
+        # 1 ms late on purpose: uvloop rounds timers to whole milliseconds and can fire up
+        # to half of one early; the tick would not be due yet and the timer would spin.
+        self._timer = loop.call_at(tick * TICK_S + 0.001, self._expire_due, loop)
 
     def _expire_due(self, loop: asyncio.AbstractEventLoop) -> None:
         self._timer = None
         now = loop.time()
         ticks, buckets = self._ticks, self._buckets
         while ticks and ticks[0] * TICK_S <= now:
-            bucket = buckets.pop(heapq.heappop(ticks), None)
+            tick = heapq.heappop(ticks)
+            self._in_heap.discard(tick)
+            bucket = buckets.pop(tick, None)
             if bucket:
                 for waiter in bucket:
                     waiter._tick = 0
                     waiter._expire()
-        # Drop empty buckets at the front so the timer sleeps until a real deadline.
+        # Drop ticks without a bucket at the front so the timer sleeps until a real deadline.
         while ticks and not buckets.get(ticks[0]):
-            buckets.pop(heapq.heappop(ticks), None)
+            self._in_heap.discard(heapq.heappop(ticks))
         if ticks:
             self._arm_timer(loop, ticks[0])
 

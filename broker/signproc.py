@@ -80,6 +80,11 @@ class _Child:
                     future.set_exception(error)
                     future.exception()  # retrieved: the caller re-raises its own copy
 
+    def kill(self) -> None:
+        """Stop a child that does not answer; its reader then fails every pending call."""
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.kill()
+
     async def aclose(self) -> None:
         if self.proc.stdin is not None:
             self.proc.stdin.close()
@@ -96,14 +101,17 @@ class _Child:
 class SigningProcesses:
     """`processes` children signing with the key in `key_path`; calls go round-robin.
 
-    A child that died is replaced on the next call; the SETs it held fail with SigningError
-    (their publish answers 500 and stores nothing, so the producer may retry).
+    A child that died is replaced (once, however many calls notice) on the next call; the SETs
+    it held fail with SigningError, so their publish stores nothing and answers 503. A child
+    that does not answer within `timeout_s` is killed, with the same outcome.
     """
 
-    def __init__(self, key_path: Path, processes: int) -> None:
+    def __init__(self, key_path: Path, processes: int, *, timeout_s: float = 10.0) -> None:
         self.key_path = key_path
         self.size = processes
+        self.timeout_s = timeout_s
         self._children: list[_Child | None] = [None] * processes
+        self._locks = [asyncio.Lock() for _ in range(processes)]
         self._turn = itertools.cycle(range(processes))
         self._closed = False
 
@@ -128,16 +136,40 @@ class SigningProcesses:
         """The PS256 signatures of `inputs` (JWS signing inputs), in order."""
         if self._closed:
             raise SigningError("signing processes are closed")
-        i = next(self._turn)
+        child = await self._child(next(self._turn))
+        futures = child.send(inputs)
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                assert child.proc.stdin is not None
+                await child.proc.stdin.drain()
+                return list(await asyncio.gather(*futures))
+        except TimeoutError:
+            child.kill()
+            raise SigningError(
+                f"the signing process did not answer within {self.timeout_s:g} s"
+            ) from None
+
+    async def _child(self, i: int) -> _Child:
         child = self._children[i]
-        if child is None or not child.alive:
+        if child is not None and child.alive:
+            return child
+        async with self._locks[i]:  # one replacement, however many callers find it dead
+            child = self._children[i]
+            if child is not None and child.alive:
+                return child
+            if self._closed:
+                raise SigningError("signing processes are closed")
             if child is not None:
                 log.warning("signing process %d exited; starting another", i)
+                await child.aclose()
             child = self._children[i] = await self._spawn()
-        return list(await asyncio.gather(*child.send(inputs)))
+            return child
 
     async def aclose(self) -> None:
         self._closed = True
+        for lock in self._locks:  # a replacement under way finishes first, then is closed
+            async with lock:
+                pass
         children = [c for c in self._children if c is not None]
         self._children = [None] * self.size
         await asyncio.gather(*(c.aclose() for c in children), return_exceptions=True)

@@ -168,11 +168,15 @@ async def poll_events(request: web.Request) -> web.Response:
                     remaining = deadline - loop.time()
                     if outcome.sets or remaining <= 0 or hub.closing or client_gone(request):
                         break
-                    # A lease ending makes a SET deliverable without any publish: wake for it.
+                    # A lease ending makes a SET deliverable without any publish: wake for it,
+                    # and read after that wake even if it falls past the deadline.
+                    lease_end = False
                     if outcome.next_lease_s is not None:
+                        lease_end = outcome.next_lease_s + 0.005 < remaining
                         remaining = min(remaining, outcome.next_lease_s + 0.005)
                     parked(request)
-                    if not await waiter.until(remaining) and loop.time() >= deadline:
+                    woken = await waiter.until(remaining)
+                    if not woken and not lease_end and loop.time() >= deadline:
                         break  # timed out with no hint: no last read (see queues.poll)
 
         metrics = app[metrics_key]

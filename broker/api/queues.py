@@ -41,7 +41,8 @@ async def subscribe(request: web.Request) -> web.Response:
     )
 
 
-@routes.get("/queues/{queue_id}")
+# No HEAD: a poll consumes what it returns, and a HEAD answer would drop the events.
+@routes.get("/queues/{queue_id}", allow_head=False)
 @guards_itself
 async def poll(request: web.Request) -> web.Response:
     # Answers its own errors: a parked poll holds no wrapper frame (routing.guards_itself).

@@ -121,3 +121,47 @@ async def test_a_publish_whose_signing_fails_is_a_503_and_stores_nothing(
     assert (await r.json())["error"] == "signing_unavailable"
     sets, _ = await tpp.poll_ok({"returnImmediately": True})
     assert sets == {}
+
+
+async def test_callers_that_find_a_dead_child_start_one_replacement(tmp_path):
+    Signer.from_settings(_settings(), tmp_path)
+    procs = SigningProcesses(tmp_path / "set-signing.pem", 1)
+    await procs.start()
+    spawned = []
+    real_spawn = procs._spawn
+
+    async def counting_spawn():
+        child = await real_spawn()
+        spawned.append(child)
+        return child
+
+    procs._spawn = counting_spawn  # type: ignore[method-assign]
+    try:
+        (old,) = procs._children
+        assert old is not None
+        os.kill(old.proc.pid, signal.SIGKILL)
+        await old.proc.wait()
+        await asyncio.sleep(0.05)
+        results = await asyncio.gather(*(procs.sign([b"a.b"]) for _ in range(5)))
+        assert all(len(r[0]) == 256 for r in results)
+        assert len(spawned) == 1
+    finally:
+        await procs.aclose()
+    for child in [old, *spawned]:
+        assert child.proc.returncode is not None  # none left running
+
+
+async def test_a_child_that_does_not_answer_times_out_and_is_killed(tmp_path):
+    Signer.from_settings(_settings(), tmp_path)
+    procs = SigningProcesses(tmp_path / "set-signing.pem", 1, timeout_s=0.5)
+    await procs.start()
+    try:
+        (child,) = procs._children
+        assert child is not None
+        os.kill(child.proc.pid, signal.SIGSTOP)
+        with pytest.raises(SigningError, match="did not answer"):
+            await procs.sign([b"a.b"])
+        await asyncio.wait_for(child.proc.wait(), 5)  # killed, not left stopped
+        assert len((await procs.sign([b"c.d"]))[0]) == 256  # a new child answers
+    finally:
+        await procs.aclose()

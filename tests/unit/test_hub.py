@@ -159,3 +159,15 @@ async def test_a_deadline_bucket_goes_when_its_last_waiter_leaves(hub):
         hub.wake("u:a")
         assert len(hub._buckets) == 1
     assert hub._buckets == {}
+
+
+async def test_rewaking_one_waiter_does_not_grow_the_deadline_heap(hub):
+    """A poll woken again and again (hints with no data for it) keeps one deadline."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 5
+    with hub.watch("u:a") as w:
+        for _ in range(1000):
+            w.arm()
+            w.until(deadline - loop.time())
+            hub.wake("u:a")
+        assert len(hub._ticks) <= 2

@@ -53,23 +53,21 @@ def answer_error(request: web.Request, e: Exception) -> web.Response:
         return jsonutil.json_response(
             error_body(e.code, e.message, e.path), status=e.status, headers=e.headers()
         )
+    # Transient: nothing was stored, and a retry may well succeed.
     if isinstance(e, StoreUnavailable):
         log.warning("store unavailable: %s", e)
-        return jsonutil.json_response(
-            error_body("unavailable", "the event store is unavailable; retry shortly"),
-            status=503,
-            headers={"Retry-After": "1"},
-        )
-    if isinstance(e, SigningError):
-        # A signing process died or failed: nothing was stored, and a retry gets a new one.
+        return _retry_later("unavailable", "the event store is unavailable; retry shortly")
+    if isinstance(e, SigningError):  # a signing process died or failed; the next is fresh
         log.warning("SET signing failed: %s", e)
-        return jsonutil.json_response(
-            error_body("signing_unavailable", "SETs could not be signed; nothing was stored"),
-            status=503,
-            headers={"Retry-After": "1"},
-        )
+        return _retry_later("signing_unavailable", "SETs could not be signed; nothing was stored")
     log.error("unhandled error on %s %s", request.method, request.path, exc_info=e)
     return jsonutil.json_response(error_body("internal_error", "internal error"), status=500)
+
+
+def _retry_later(code: str, message: str) -> web.Response:
+    return jsonutil.json_response(
+        error_body(code, message), status=503, headers={"Retry-After": "1"}
+    )
 
 
 def endpoint(handler: Handler) -> Handler:

@@ -9,8 +9,9 @@ import signal
 import pytest
 
 from broker.appkeys import signer_key, signing_pool_key
+from broker.config import SigningSettings
 from broker.errors import SigningError
-from broker.signing import Signer
+from broker.signing import Signer, key_path
 from broker.signproc import SigningProcesses
 from tests.ob_helpers import TPP, fetch_jwks, resource_update, verify_set
 
@@ -43,9 +44,7 @@ async def test_sets_signed_in_a_signing_process_verify_against_the_jwks(
 
 
 async def test_a_signing_process_that_dies_fails_its_sets_and_is_replaced(tmp_path):
-    Signer.from_settings(_settings(), tmp_path)  # creates the dev key
-    procs = SigningProcesses(tmp_path / "set-signing.pem", 1)
-    await procs.start()
+    procs = await _started(tmp_path)
     try:
         (child,) = procs._children
         assert child is not None
@@ -79,17 +78,9 @@ async def test_a_bad_key_file_fails_at_start(tmp_path):
     await procs.aclose()
 
 
-def _settings():
-    from broker.config import SigningSettings
-
-    return SigningSettings()
-
-
 async def test_every_signature_comes_back_whatever_its_first_byte(tmp_path):
     """Signatures are random bytes: none may be mistaken for an error reply."""
-    Signer.from_settings(_settings(), tmp_path)
-    procs = SigningProcesses(tmp_path / "set-signing.pem", 1)
-    await procs.start()
+    procs = await _started(tmp_path)
     try:
         inputs = [f"h.{i}".encode() for i in range(1500)]
         sigs = await procs.sign(inputs)
@@ -124,9 +115,7 @@ async def test_a_publish_whose_signing_fails_is_a_503_and_stores_nothing(
 
 
 async def test_callers_that_find_a_dead_child_start_one_replacement(tmp_path):
-    Signer.from_settings(_settings(), tmp_path)
-    procs = SigningProcesses(tmp_path / "set-signing.pem", 1)
-    await procs.start()
+    procs = await _started(tmp_path)
     spawned = []
     real_spawn = procs._spawn
 
@@ -152,9 +141,7 @@ async def test_callers_that_find_a_dead_child_start_one_replacement(tmp_path):
 
 
 async def test_a_child_that_does_not_answer_times_out_and_is_killed(tmp_path):
-    Signer.from_settings(_settings(), tmp_path)
-    procs = SigningProcesses(tmp_path / "set-signing.pem", 1, timeout_s=0.5)
-    await procs.start()
+    procs = await _started(tmp_path, timeout_s=0.5)
     try:
         (child,) = procs._children
         assert child is not None
@@ -165,3 +152,11 @@ async def test_a_child_that_does_not_answer_times_out_and_is_killed(tmp_path):
         assert len((await procs.sign([b"c.d"]))[0]) == 256  # a new child answers
     finally:
         await procs.aclose()
+
+
+async def _started(tmp_path, **kwargs) -> SigningProcesses:
+    """One signing process over the dev key (created here, as the app would)."""
+    Signer.from_settings(SigningSettings(), tmp_path)
+    procs = SigningProcesses(key_path(SigningSettings(), tmp_path), 1, **kwargs)
+    await procs.start()
+    return procs

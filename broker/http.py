@@ -35,7 +35,8 @@ async def read_json(request: web.Request, *, lenient_type: bool = False) -> Any:
     """
     if not lenient_type:
         media = media_type(request)
-        if media != "application/json" and not media.endswith("+json"):
+        # "" (an empty Content-Type header) passes, as aiohttp's parsed value did before
+        if media not in ("application/json", "") and not media.endswith("+json"):
             raise UnsupportedMediaType(f"Content-Type must be application/json, got {media!r}")
     try:
         raw = await request.read()

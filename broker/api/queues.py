@@ -71,9 +71,8 @@ async def poll(request: web.Request) -> web.Response:
                     parked(request)
                     if not await waiter.until(remaining) and loop.time() >= deadline:
                         # Timed out with no hint: nothing was published for this user, so
-                        # no last read (it would cost a script per time-out, 1 in 3 polls
-                        # under steady load). An event racing the deadline waits in the
-                        # stream for the client's next poll.
+                        # no last read (a script per time-out saved). An event racing the
+                        # deadline waits in the stream for the client's next poll.
                         break
 
         metrics = app[metrics_key]

@@ -171,3 +171,33 @@ async def test_rewaking_one_waiter_does_not_grow_the_deadline_heap(hub):
             w.until(deadline - loop.time())
             hub.wake("u:a")
         assert len(hub._ticks) <= 2
+
+
+def test_the_deadline_timer_does_not_spin_under_uvloop():
+    """uvloop rounds timers to whole milliseconds and fires up to half of one early; the hub's
+    timer must not re-arm in a busy loop until its tick is due (it did: ~48 runs a tick)."""
+    import random
+
+    import uvloop  # installed with the `fast` extra, as `make` does
+
+    async def scenario() -> tuple[int, int]:
+        hub = Hub(fakeredis.FakeAsyncRedis(), block_ms=100)
+        runs = 0
+        real = hub._expire_due
+
+        def counting(loop: asyncio.AbstractEventLoop) -> None:
+            nonlocal runs
+            runs += 1
+            real(loop)
+
+        hub._expire_due = counting  # type: ignore[method-assign]
+        rng = random.Random(7)
+        with contextlib.ExitStack() as stack:
+            waiters = [stack.enter_context(hub.watch(f"u:{i}")) for i in range(200)]
+            futures = [w.until(rng.uniform(0.05, 0.4)) for w in waiters]
+            ticks = len(hub._buckets)
+            assert await asyncio.gather(*futures) == [False] * 200
+        return runs, ticks
+
+    runs, ticks = uvloop.run(scenario())
+    assert runs <= ticks + 5

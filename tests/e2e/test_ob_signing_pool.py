@@ -12,7 +12,7 @@ from broker.appkeys import signer_key, signing_pool_key
 from broker.config import SigningSettings
 from broker.errors import SigningError
 from broker.signing import Signer, key_path
-from broker.signproc import SigningProcesses
+from broker.signproc import SigningProcesses, _Child
 from tests.ob_helpers import TPP, fetch_jwks, resource_update, verify_set
 
 
@@ -46,11 +46,7 @@ async def test_sets_signed_in_a_signing_process_verify_against_the_jwks(
 async def test_a_signing_process_that_dies_fails_its_sets_and_is_replaced(tmp_path):
     procs = await _started(tmp_path)
     try:
-        (child,) = procs._children
-        assert child is not None
-        os.kill(child.proc.pid, signal.SIGKILL)
-        await child.proc.wait()
-        await asyncio.sleep(0.05)
+        child = await _kill_the_child(procs)
         sigs = await procs.sign([b"a.b", b"c.d"])  # a new child answers
         assert [len(s) for s in sigs] == [256, 256]
         assert procs._children[0] is not child
@@ -126,11 +122,7 @@ async def test_callers_that_find_a_dead_child_start_one_replacement(tmp_path):
 
     procs._spawn = counting_spawn  # type: ignore[method-assign]
     try:
-        (old,) = procs._children
-        assert old is not None
-        os.kill(old.proc.pid, signal.SIGKILL)
-        await old.proc.wait()
-        await asyncio.sleep(0.05)
+        old = await _kill_the_child(procs)
         results = await asyncio.gather(*(procs.sign([b"a.b"]) for _ in range(5)))
         assert all(len(r[0]) == 256 for r in results)
         assert len(spawned) == 1
@@ -160,3 +152,13 @@ async def _started(tmp_path, **kwargs) -> SigningProcesses:
     procs = SigningProcesses(key_path(SigningSettings(), tmp_path), 1, **kwargs)
     await procs.start()
     return procs
+
+
+async def _kill_the_child(procs: SigningProcesses) -> _Child:
+    """SIGKILL the only child and wait until it is gone; the child, for later checks."""
+    (child,) = procs._children
+    assert child is not None
+    os.kill(child.proc.pid, signal.SIGKILL)
+    await child.proc.wait()
+    await asyncio.sleep(0.05)
+    return child

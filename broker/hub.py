@@ -294,6 +294,20 @@ class Hub:
             if not bucket:
                 # Its tick stays in the heap (and _in_heap); the timer skips it.
                 del self._buckets[tick]
+                if len(self._ticks) > 4 * len(self._buckets) + 64:
+                    self._compact()
+
+    def _compact(self) -> None:
+        """Rebuild the heap from the live buckets, dropping the ticks of emptied ones.
+
+        Not only for the heap's size: the tick numbers are small objects made while polls
+        arrived, interleaved in memory with theirs. After a mass disconnect a few hundred
+        stale ticks, kept until their deadlines pass, held ~80 MB of otherwise empty
+        allocator arenas for up to a poll's maximum wait.
+        """
+        self._ticks = list(self._buckets)
+        heapq.heapify(self._ticks)
+        self._in_heap = set(self._ticks)
 
     def _arm_timer(self, loop: asyncio.AbstractEventLoop, tick: int) -> None:
         if self._timer is not None:

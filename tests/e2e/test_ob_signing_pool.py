@@ -141,6 +141,7 @@ async def test_a_child_that_does_not_answer_times_out_and_is_killed(tmp_path):
         with pytest.raises(SigningError, match="did not answer"):
             await procs.sign([b"a.b"])
         await asyncio.wait_for(child.proc.wait(), 5)  # killed, not left stopped
+        procs.timeout_s = 10  # the replacement's first answer waits on its start-up
         assert len((await procs.sign([b"c.d"]))[0]) == 256  # a new child answers
     finally:
         await procs.aclose()

@@ -1,4 +1,4 @@
-"""RespClient against a real server: batching, errors, time-outs, reconnects, SELECT/AUTH."""
+"""RespClient against a real server: writes, errors, time-outs, reconnects, SELECT/AUTH."""
 
 from __future__ import annotations
 
@@ -32,6 +32,38 @@ async def test_concurrent_commands_share_one_connection_and_keep_order(resp, rea
     admin = real_redis.client()
     clients = [c for c in await admin.client_list() if c["cmd"] != "client|list"]
     assert len(clients) == 1  # one auto-pipelined connection, whatever the concurrency
+
+
+class _RecordingTransport:
+    """Wraps the client's transport and keeps every write."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.writes: list[bytes] = []
+
+    def write(self, data):
+        self.writes.append(data)
+        self.inner.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+async def test_a_command_is_written_at_once_and_a_pipeline_in_one_write(resp):
+    await resp.execute("PING")  # connected
+    proto = resp._proto
+    recorder = _RecordingTransport(proto.transport)
+    proto.transport = recorder
+    first = asyncio.ensure_future(resp.execute("SET", "w", "1"))
+    second = asyncio.ensure_future(resp.execute("GET", "w"))
+    await asyncio.sleep(0)  # both callers ran up to their reply, no further
+    # Written as issued, not gathered at the end of the loop iteration: Redis starts on the
+    # first while the broker is still busy with whatever came next.
+    assert recorder.writes == [encode_command(("SET", "w", "1")), encode_command(("GET", "w"))]
+    assert await first in (b"OK", "OK") and await second == b"1"
+    recorder.writes.clear()
+    assert await resp.pipeline(("INCR", "p"), ("INCR", "p")) == [1, 2]
+    assert recorder.writes == [encode_command(("INCR", "p")) + encode_command(("INCR", "p"))]
 
 
 async def test_error_replies_raise_and_leave_the_connection_usable(resp):

@@ -173,6 +173,26 @@ async def test_rewaking_one_waiter_does_not_grow_the_deadline_heap(hub):
         assert len(hub._ticks) <= 2
 
 
+async def test_deadlines_of_vanished_waiters_do_not_outlive_them(hub):
+    """A mass disconnect leaves no stale ticks behind until their deadlines pass.
+
+    They are small objects made while the polls arrived; kept, they pinned ~80 MB of
+    allocator arenas for a whole poll's maximum wait (bench: memory after vanish).
+    """
+    with contextlib.ExitStack() as stack:
+        waiters = [stack.enter_context(hub.watch(f"u:{i}")) for i in range(500)]
+        for i, w in enumerate(waiters):
+            w.until(30 + i * 0.02)  # 500 distinct 10 ms buckets
+        assert len(hub._buckets) == 500
+        with hub.watch("u:stays") as stays:
+            stays.until(60)
+            stack.close()  # the 500 clients vanish
+            assert list(hub._buckets) == [stays._tick]
+            assert len(hub._ticks) <= 64 + 4 and len(hub._in_heap) == len(hub._ticks)
+            assert stays._tick in hub._ticks
+    assert hub.waiting == 0
+
+
 def test_the_deadline_timer_does_not_spin_under_uvloop():
     """uvloop rounds timers to whole milliseconds and fires up to half of one early; the hub's
     timer must not re-arm in a busy loop until its tick is due (it did: ~48 runs a tick)."""

@@ -62,7 +62,7 @@ class RedisSettings:
     url: str = ""
     data_dir: str = ".broker"
     # Pooled redis-py connections for occasional commands (subscriptions, readiness). Polls
-    # and publishes share one more, auto-pipelined; the long-poll hub adds one blocking.
+    # and publishes share one more, pipelined; the long-poll hub adds one blocking.
     max_connections: int = 2
     socket_timeout_s: float = 5.0
 

@@ -42,6 +42,12 @@ def encode_command(args: tuple[Arg, ...]) -> bytes:
     return packed
 
 
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    """Mark a future's outcome seen: its waiters, if any, re-raise their own copy."""
+    if not future.cancelled():
+        future.exception()
+
+
 def _error(reply: hiredis.ReplyError) -> redis.exceptions.ResponseError:
     text = str(reply)
     if text.startswith("NOSCRIPT"):
@@ -118,7 +124,7 @@ class RespClient:
         self.timeout_s = timeout_s
         self.connect_timeout_s = connect_timeout_s
         self._proto: _Protocol | None = None
-        self._connecting: asyncio.Future[_Protocol] | None = None
+        self._connecting: asyncio.Task[_Protocol] | None = None
         # (future, monotonic send time) of every command sent and not yet answered, in order.
         self._pending: collections.deque[tuple[asyncio.Future[Any], float]] = collections.deque()
         self._out: list[bytes] = []  # commands to write together (pipeline, set-up)
@@ -142,8 +148,12 @@ class RespClient:
         """
         if self._proto is None:
             await self._connect()
-        futures = [self._send(c, write=False) for c in commands]
-        self._flush()
+        futures: list[asyncio.Future[Any]] = []
+        try:
+            for c in commands:
+                futures.append(self._send(c, write=False))
+        finally:  # a command that cannot be encoded must not strand those before it
+            self._flush()
         results: list[Any] = []
         try:
             for f in futures:
@@ -164,11 +174,12 @@ class RespClient:
         if self._proto is None:  # died between connecting and sending
             future.set_exception(redis.exceptions.ConnectionError("connection lost"))
             return future
+        data = encode_command(args)  # first: a TypeError must not leave a future pending
         self._pending.append((future, loop.time()))
         if write and not self._out:
-            self._write(encode_command(args))
+            self._write(data)
         else:
-            self._out.append(encode_command(args))
+            self._out.append(data)
             if write:
                 self._flush()
         return future
@@ -180,46 +191,50 @@ class RespClient:
 
     def _write(self, data: bytes) -> None:
         proto = self._proto
-        if proto is not None and proto.transport is not None:
+        if proto is not None and proto.transport is not None and not proto.transport.is_closing():
             proto.transport.write(data)
-        # else: the connection died and its pending commands were failed already
+        # else: the connection is going; connection_lost fails the pending commands
 
     async def _connect(self) -> _Protocol:
         if self._closed:
             raise redis.exceptions.ConnectionError("client is closed")
-        if self._connecting is not None:
-            return await asyncio.shield(self._connecting)
+        if self._connecting is None:
+            # The attempt is a task of the client's, not of the caller that started it: a
+            # caller cancelled meanwhile (its HTTP client left) must not leave the others
+            # waiting on a connection nobody is making.
+            self._connecting = asyncio.ensure_future(self._open())
+            self._connecting.add_done_callback(_retrieved)
+        return await asyncio.shield(self._connecting)
+
+    async def _open(self) -> _Protocol:
         loop = asyncio.get_running_loop()
-        self._connecting = loop.create_future()
         try:
             async with asyncio.timeout(self.connect_timeout_s):
                 if self._path:
-                    _t, proto = await loop.create_unix_connection(
+                    transport, proto = await loop.create_unix_connection(
                         lambda: _Protocol(self), self._path
                     )
                 else:
-                    _t, proto = await loop.create_connection(
+                    transport, proto = await loop.create_connection(
                         lambda: _Protocol(self), self._host, self._port
                     )
         except (OSError, TimeoutError) as e:
-            error = redis.exceptions.ConnectionError(f"cannot connect to Redis: {e}")
-            self._connecting.set_exception(error)
-            self._connecting.exception()  # retrieved: waiters re-raise their own copy
+            raise redis.exceptions.ConnectionError(f"cannot connect to Redis: {e}") from e
+        finally:
             self._connecting = None
-            raise error from e
+        if self._closed:  # aclose() ran while we connected
+            transport.close()
+            raise redis.exceptions.ConnectionError("client is closed")
         self._proto = proto
         if self._watchdog is None:
             self._watchdog = loop.call_later(self.timeout_s / 2, self._watch)
         for cmd in self._setup:  # AUTH / SELECT go first on the new connection
             setup: asyncio.Future[Any] = loop.create_future()
             # A failed AUTH/SELECT shows in the commands that follow; mark it retrieved.
-            setup.add_done_callback(lambda f: f.cancelled() or f.exception())
+            setup.add_done_callback(_retrieved)
             self._pending.append((setup, loop.time()))
             self._out.append(encode_command(cmd))
-        if self._setup:
-            self._flush()
-        self._connecting.set_result(proto)
-        self._connecting = None
+        self._flush()
         return proto
 
     def _watch(self) -> None:

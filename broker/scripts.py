@@ -1,6 +1,6 @@
 """Running the broker's Lua scripts: by EVALSHA, loading a script only when Redis lacks it.
 
-Two runners with one interface: `RespRunner` on the auto-pipelined RespClient (the server's
+Two runners with one interface: `RespRunner` on the pipelined RespClient (the server's
 hot path), and `RedisPyRunner` on a redis-py client (an injected client: fakeredis in unit
 tests, or a caller's own). Both send a script and its wake-up hint in one round trip.
 """

@@ -100,7 +100,7 @@ class QueueStore:
         runner: ScriptRunner | None = None,
     ) -> None:
         self.redis = redis
-        # Scripts go through the runner (the auto-pipelined RespClient in the server);
+        # Scripts go through the runner (the pipelined RespClient in the server);
         # `redis` serves everything else.
         self.runner: ScriptRunner = runner or RedisPyRunner(redis)
         self.idempotency_ttl_s = idempotency_ttl_s

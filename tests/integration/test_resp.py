@@ -31,7 +31,7 @@ async def test_concurrent_commands_share_one_connection_and_keep_order(resp, rea
     assert replies == list(range(1, 501))
     admin = real_redis.client()
     clients = [c for c in await admin.client_list() if c["cmd"] != "client|list"]
-    assert len(clients) == 1  # one auto-pipelined connection, whatever the concurrency
+    assert len(clients) == 1  # one pipelined connection, whatever the concurrency
 
 
 class _RecordingTransport:
@@ -64,6 +64,27 @@ async def test_a_command_is_written_at_once_and_a_pipeline_in_one_write(resp):
     recorder.writes.clear()
     assert await resp.pipeline(("INCR", "p"), ("INCR", "p")) == [1, 2]
     assert recorder.writes == [encode_command(("INCR", "p")) + encode_command(("INCR", "p"))]
+
+
+async def test_a_caller_cancelled_while_connecting_does_not_strand_the_others(resp):
+    # The first caller starts the connection and is cancelled (its HTTP client left)
+    # before it is made; the next caller still gets a connection, not a hang.
+    first = asyncio.ensure_future(resp.execute("PING"))
+    await asyncio.sleep(0)
+    first.cancel()
+    second = asyncio.ensure_future(resp.execute("INCR", "after-cancel"))
+    assert await asyncio.wait_for(second, 5) == 1
+    assert first.cancelled()
+
+
+async def test_a_command_that_cannot_be_encoded_leaves_the_replies_in_step(resp):
+    with pytest.raises(TypeError):
+        await resp.execute("SET", "k", None)
+    with pytest.raises(TypeError):
+        await resp.pipeline(("SET", "p", "1"), ("SET", "q", None))
+    assert await asyncio.wait_for(resp.execute("GET", "p"), 5) == b"1"
+    assert await asyncio.wait_for(resp.execute("INCR", "n"), 5) == 1
+    assert not resp._pending and not resp._out
 
 
 async def test_error_replies_raise_and_leave_the_connection_usable(resp):

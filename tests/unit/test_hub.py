@@ -193,6 +193,18 @@ async def test_deadlines_of_vanished_waiters_do_not_outlive_them(hub):
     assert hub.waiting == 0
 
 
+async def test_a_waiter_still_expires_after_the_heap_is_rebuilt(hub):
+    with contextlib.ExitStack() as stack:
+        waiters = [stack.enter_context(hub.watch(f"u:{i}")) for i in range(300)]
+        for i, w in enumerate(waiters):
+            w.until(0.2 + i * 0.02)
+        with hub.watch("u:stays") as stays:
+            fired = stays.until(0.1)  # earlier than all of them: the armed timer's tick
+            stack.close()  # the heap is rebuilt from the one live bucket
+            assert len(hub._ticks) < 300
+            assert await asyncio.wait_for(fired, 2) is False  # expired, not stuck
+
+
 def test_the_deadline_timer_does_not_spin_under_uvloop():
     """uvloop rounds timers to whole milliseconds and fires up to half of one early; the hub's
     timer must not re-arm in a busy loop until its tick is due (it did: ~48 runs a tick)."""

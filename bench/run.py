@@ -1008,7 +1008,11 @@ def main(argv: list[str] | None = None) -> int:
     results["elapsed_s"] = round(time.monotonic() - started, 1)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    base = out_dir / (stamp.strftime("%Y-%m-%d") + ("-quick" if args.quick else ""))
+    name = stamp.strftime("%Y-%m-%d") + ("-quick" if args.quick else "")
+    base = out_dir / name
+    n = 2
+    while base.with_suffix(".json").exists():  # a second run that day keeps the first
+        base, n = out_dir / f"{name}-{n}", n + 1
     files = report.write(results, base)
     print(f"bench: done in {results['elapsed_s']} s; wrote {', '.join(str(f) for f in files)}")
     print(Path(files[1]).read_text())

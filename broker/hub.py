@@ -320,6 +320,8 @@ class Hub:
     def _expire_due(self, loop: asyncio.AbstractEventLoop) -> None:
         self._timer = None
         now = loop.time()
+        # Local names are safe: _expire() only resolves futures (their callbacks run later),
+        # so nothing here can reach _unschedule() and swap the heap out by _compact().
         ticks, buckets = self._ticks, self._buckets
         while ticks and ticks[0] * TICK_S <= now:
             tick = heapq.heappop(ticks)

@@ -133,10 +133,11 @@ async def test_callers_that_find_a_dead_child_start_one_replacement(tmp_path):
 
 
 async def test_a_child_that_does_not_answer_times_out_and_is_killed(tmp_path):
-    procs = await _started(tmp_path, timeout_s=0.5)
+    procs = await _started(tmp_path)  # the start-up's warm-up sign has the usual 10 s
     try:
         (child,) = procs._children
         assert child is not None
+        procs.timeout_s = 0.5
         os.kill(child.proc.pid, signal.SIGSTOP)
         with pytest.raises(SigningError, match="did not answer"):
             await procs.sign([b"a.b"])

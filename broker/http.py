@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 from urllib.parse import unquote_plus
 
@@ -18,6 +18,8 @@ from broker.errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
+# What aiohttp calls for a route; routing.py and ob.py wrap these.
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _PREFER_WAIT = re.compile(r"(?:^|[,;\s])wait\s*=\s*\"?([^\s,;\"]*)", re.IGNORECASE)
 
 

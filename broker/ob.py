@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import re
 import uuid
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,9 +26,9 @@ from broker.errors import (
     UnsupportedMediaType,
     from_http_status,
 )
+from broker.http import Handler
 
 log = logging.getLogger(__name__)
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 # Scopes accepted on the OB endpoints: the v3.1.10+ list plus v3.1.2's `eventpolling` (spec §9.24).
 POLL_SCOPES = ("accounts", "payments", "fundsconfirmations", "eventpolling")

@@ -15,7 +15,7 @@ answers 404.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Iterable
 
 from aiohttp import hdrs, web
 
@@ -28,9 +28,9 @@ from broker.errors import (
     StoreUnavailable,
     from_http_status,
 )
+from broker.http import Handler
 
 log = logging.getLogger(__name__)
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def error_body(code: str, message: str, path: str | None = None) -> dict[str, str]:

@@ -49,7 +49,7 @@ async def test_without_wait_the_poll_answers_at_once(client, auth):
     started = time.monotonic()
     r = await client.get(loc, headers=auth("u1"))
     assert r.status == 204
-    assert time.monotonic() - started < 1
+    assert time.monotonic() - started < 5  # not held (the longest hold is 30 s)
 
 
 async def test_wait_is_capped_by_max_wait(make_client, auth):
@@ -75,7 +75,7 @@ async def test_waiting_on_unknown_queue_is_404_at_once(client, auth):
     started = time.monotonic()
     r = await client.get("/queues/nope?wait=5", headers=auth("u1"))
     assert r.status == 404
-    assert time.monotonic() - started < 2
+    assert time.monotonic() - started < 4  # not held for the 5 s asked
     assert client.app[hub_key].waiting == 0
 
 

@@ -126,7 +126,7 @@ async def test_26_ack_only_returns_at_once_and_removes_the_set(client, auth):
     a, (ja, jb, jc) = await setup_abc(client, auth)
     started = time.monotonic()
     r = await a.poll({"maxEvents": 0, "ack": [ja]})
-    assert time.monotonic() - started < 1.0
+    assert time.monotonic() - started < 5  # not held for the 30 s default wait
     assert r.status == 200
     assert r.json()["sets"] == {}
     assert r.json()["moreAvailable"] is True  # B and C remain (spec §9.13)
@@ -285,7 +285,7 @@ async def test_42_nothing_pending_return_immediately(client, auth):
     await a.subscribe()
     started = time.monotonic()
     sets, more = await a.poll_ok({"returnImmediately": True})
-    assert time.monotonic() - started < 1.0
+    assert time.monotonic() - started < 5  # not held for the 30 s default wait
     assert (sets, more) == ({}, False)
 
 

@@ -43,7 +43,7 @@ async def test_poll_on_one_app_is_woken_by_a_publish_on_another(two_apps, auth):
     r = await asyncio.wait_for(poll, 4)
     assert r.status == 200
     assert [e["event_type"] for e in await r.json()] == ["FROM_B"]
-    assert time.monotonic() - started < 1.5
+    assert time.monotonic() - started < 3.5  # woken, not timed out at 5 s
 
 
 async def test_event_is_delivered_once_across_two_apps_polling_one_queue(two_apps, auth):
@@ -182,7 +182,7 @@ async def test_hub_resumes_after_redis_restarts_and_waiters_still_wake(
         r = await asyncio.wait_for(poll, 5)
         assert r.status == 200
         assert [e["event_type"] for e in await r.json()] == ["AFTER_RESTART"]
-        assert time.monotonic() - started < 2
+        assert time.monotonic() - started < 3.5  # woken, not timed out at 5 s
         await client.close()
     finally:
         server.stop()

@@ -15,6 +15,7 @@ from broker.appkeys import (
     background_key,
     gcstats_key,
     hub_key,
+    looplag_key,
     metrics_key,
     settings_key,
     signer_key,
@@ -27,6 +28,7 @@ from broker.config import Settings
 from broker.errors import ConfigError
 from broker.gcstats import GcStats
 from broker.hub import Hub, RedisPyWakeSource, RespWakeSource, WakeSource
+from broker.looplag import LoopLag
 from broker.metrics import Metrics
 from broker.redisconn import (
     CLIENT_NAME,
@@ -60,6 +62,7 @@ def create_app(
     app[settings_key] = settings
     app[metrics_key] = Metrics()
     app[gcstats_key] = GcStats()
+    app[looplag_key] = LoopLag()
     app[background_key] = set()
     app[verifier_key] = TokenVerifier.from_settings(settings.auth, settings.data_dir)
     app[signer_key] = Signer.from_settings(settings.signing, settings.data_dir)
@@ -137,7 +140,9 @@ def create_app(
 
     async def gc_ctx(app: web.Application) -> AsyncIterator[None]:
         app[gcstats_key].install()
+        app[looplag_key].start()
         yield
+        await app[looplag_key].stop()
         app[gcstats_key].uninstall()
 
     app.cleanup_ctx.append(gc_ctx)

@@ -12,6 +12,7 @@ if TYPE_CHECKING:
     from broker.config import Settings
     from broker.gcstats import GcStats
     from broker.hub import Hub
+    from broker.looplag import LoopLag
     from broker.metrics import Metrics
     from broker.sets import SetStore
     from broker.signing import Signer
@@ -25,6 +26,7 @@ hub_key: web.AppKey[Hub] = web.AppKey("hub")
 verifier_key: web.AppKey[TokenVerifier] = web.AppKey("verifier")
 metrics_key: web.AppKey[Metrics] = web.AppKey("metrics")
 gcstats_key: web.AppKey[GcStats] = web.AppKey("gcstats")
+looplag_key: web.AppKey[LoopLag] = web.AppKey("looplag")
 # Tasks that must run to completion after their request was cancelled (client gone).
 background_key: web.AppKey[set[asyncio.Future[Any]]] = web.AppKey("background")
 # Open Banking: the SET signer, the SET store and the event subscriptions.

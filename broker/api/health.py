@@ -8,7 +8,7 @@ import os
 from aiohttp import web
 
 from broker import __version__, jsonutil
-from broker.appkeys import gcstats_key, hub_key, metrics_key, store_key
+from broker.appkeys import gcstats_key, hub_key, looplag_key, metrics_key, store_key
 
 routes = web.RouteTableDef()
 
@@ -46,6 +46,7 @@ async def metrics(request: web.Request) -> web.Response:
             "hub_hints_total": hub.hints,
             "hub_reconnects_total": hub.reconnects,
             **request.app[gcstats_key].gauges(),
+            **request.app[looplag_key].gauges(),
         }
     )
     return web.Response(text=text, content_type="text/plain", charset="utf-8")

@@ -190,7 +190,6 @@ class Hub:
         self._timer_tick = 0
         self._last_id = "0-0"
         self._task: asyncio.Task[None] | None = None
-        self._ready = asyncio.Event()
         self.reconnects = 0
         self.hints = 0
         # Set at shutdown: parked polls answer with what they have instead of waiting on.
@@ -214,7 +213,6 @@ class Hub:
         """Start the reader at the current end of the wake-up stream."""
         self._last_id = await self.source.last_id()
         self._task = asyncio.create_task(self._run(), name="broker-hub")
-        self._ready.set()
 
     async def aclose(self) -> None:
         self._stopping = True
@@ -302,7 +300,7 @@ class Hub:
 
         Not only for the heap's size: the tick numbers are small objects made while polls
         arrived, interleaved in memory with theirs. After a mass disconnect a few hundred
-        stale ticks, kept until their deadlines pass, held ~80 MB of otherwise empty
+        stale ticks, kept until their deadlines pass, held ~75 MB of otherwise empty
         allocator arenas for up to a poll's maximum wait.
         """
         self._ticks = list(self._buckets)

@@ -163,8 +163,8 @@ class RespClient:
                     results.append(e)
         except BaseException:
             for f in futures:  # the same failure reached them all; mark it seen
-                if f.done() and not f.cancelled():
-                    f.exception()
+                if f.done():
+                    _retrieved(f)
             raise
         return results
 

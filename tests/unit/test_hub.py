@@ -176,7 +176,7 @@ async def test_rewaking_one_waiter_does_not_grow_the_deadline_heap(hub):
 async def test_deadlines_of_vanished_waiters_do_not_outlive_them(hub):
     """A mass disconnect leaves no stale ticks behind until their deadlines pass.
 
-    They are small objects made while the polls arrived; kept, they pinned ~80 MB of
+    They are small objects made while the polls arrived; kept, they pinned ~75 MB of
     allocator arenas for a whole poll's maximum wait (bench: memory after vanish).
     """
     with contextlib.ExitStack() as stack:

@@ -55,7 +55,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = load_settings(_config_path(args.config))
         if args.command == "serve":
+            from broker import allocator
             from broker.server import serve
+
+            # First: replaces this process when it runs on the other allocator.
+            allocator.ensure(settings.server.allocator)
 
             changes: dict[str, object] = {}
             for name in ("host", "port", "workers"):

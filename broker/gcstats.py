@@ -16,8 +16,8 @@ nothing. The policy:
 - a maintenance collection unfreezes and walks everything once, to reclaim the cycles that
   formed among older objects (a cancelled long poll leaves ~50 objects in cycles: exception
   tracebacks and frames), then hands freed memory back to the OS (malloc_trim). It runs when
-  the parked polls fall below half their peak (clients vanished: there is garbage, and fewer
-  live objects to walk), and every `full_interval_s` anyway.
+  the parked polls have fallen below half their peak and stopped falling (clients vanished:
+  there is garbage, and fewer live objects to walk), and every `full_interval_s` anyway.
 
 `GcStats` times every collection so /metrics shows the pauses per generation.
 """
@@ -82,11 +82,19 @@ class GcPolicy:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         next_full = loop.time() + self.full_interval_s
+        waiting = 0
         while True:
             await asyncio.sleep(self.freeze_interval_s)
-            waiting = self.load()
+            waiting, before = self.load(), waiting
             self._peak = max(self._peak, waiting)
-            vanished = self._peak >= MASS_DISCONNECT_PEAK and waiting <= self._peak // 2
+            # Only once the count has stopped falling: thousands of disconnects take a second
+            # or two to process, and a collection in the middle of them would trim the heap
+            # before most of their memory is free, then not run again (the peak is reset).
+            vanished = (
+                self._peak >= MASS_DISCONNECT_PEAK
+                and waiting <= self._peak // 2
+                and waiting >= before
+            )
             due = self.full_interval_s > 0 and loop.time() >= next_full
             if vanished or due:
                 self.collect_all()

@@ -7,7 +7,7 @@ import os
 
 from aiohttp import web
 
-from broker import __version__, jsonutil
+from broker import __version__, allocator, jsonutil
 from broker.appkeys import gcstats_key, hub_key, looplag_key, metrics_key, store_key
 
 routes = web.RouteTableDef()
@@ -40,8 +40,12 @@ async def readyz(request: web.Request) -> web.Response:
 @routes.get("/metrics")
 async def metrics(request: web.Request) -> web.Response:
     hub = request.app[hub_key]
+    # Which allocator and event loop this worker really runs on (config can be overridden).
+    loop = type(asyncio.get_running_loop()).__module__.partition(".")[0]
+    labels = f'version="{__version__}",allocator="{allocator.current()}",loop="{loop}"'
     text = request.app[metrics_key].render(
         {
+            f"process_info{{{labels}}}": 1,
             "waiting_polls": hub.waiting,
             "hub_hints_total": hub.hints,
             "hub_reconnects_total": hub.reconnects,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import os
 import signal
@@ -21,7 +22,10 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _env(data_dir: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
+    # PYTHONMALLOC too: the broker picks its allocator itself (server.allocator)
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith("BROKER_") and k != "PYTHONMALLOC"
+    }
     env["BROKER_REDIS_DATA_DIR"] = str(data_dir)
     env["BROKER_REDIS_URL"] = ""
     return env
@@ -42,7 +46,7 @@ def _cli(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
 def serve(tmp_path):
     procs = []
 
-    def start(*extra: str) -> tuple[str, subprocess.Popen[str]]:
+    def start(*extra: str, **env: str) -> tuple[str, subprocess.Popen[str]]:
         port = free_port()
         proc = subprocess.Popen(
             [
@@ -57,7 +61,7 @@ def serve(tmp_path):
                 *extra,
             ],
             cwd=ROOT,
-            env=_env(tmp_path),
+            env={**_env(tmp_path), **env},
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -98,6 +102,17 @@ def _embedded_port(proc: subprocess.Popen[str]) -> int:
     raise AssertionError("no embedded server line")
 
 
+async def _process_info(s: aiohttp.ClientSession, base: str) -> dict[str, str]:
+    """The labels of broker_process_info in /metrics, and the pid from /healthz."""
+    async with s.get(base + "/metrics") as r:
+        text = await r.text()
+    (line,) = [x for x in text.splitlines() if x.startswith("broker_process_info{")]
+    labels = dict(kv.split("=", 1) for kv in line.split("{", 1)[1].split("}", 1)[0].split(","))
+    async with s.get(base + "/healthz") as r:
+        pid = (await r.json())["pid"]
+    return {k: v.strip('"') for k, v in labels.items()} | {"pid": str(pid)}
+
+
 def _port_open(port: int) -> bool:
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) == 0
@@ -110,6 +125,10 @@ async def test_serve_runs_the_readme_walkthrough_and_stops_its_redis(serve, tmp_
     token = _cli(tmp_path, "token", "--sub", "alice").stdout.strip()
     auth = {"Authorization": f"Bearer {token}"}
     async with aiohttp.ClientSession() as s:
+        # the default allocator, by one re-exec of the same process (the pid is kept)
+        info = await _process_info(s, base)
+        assert info["allocator"] == "malloc"
+        assert info["pid"] == str(proc.pid)
         # the README's curl: no Content-Type
         async with s.post(
             base + "/queues/subscribe", data=b'{"topics":["connections"]}', headers=auth
@@ -182,8 +201,24 @@ async def test_two_workers_share_the_port_and_deliver_an_event_once(serve, tmp_p
             async with s.get(base + "/healthz") as r:
                 pids.add((await r.json())["pid"])
         assert len(pids) == 2  # both workers answer on the one port
+        allocators = set()
+        for _ in range(30):
+            allocators.add((await _process_info(s, base))["allocator"])
+        assert allocators == {"malloc"}  # the workers inherit it from the re-executed parent
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=20) == 0
+
+
+async def test_pymalloc_can_be_chosen(serve):
+    base, proc = serve(BROKER_SERVER_ALLOCATOR="pymalloc")
+    await _wait_ready(base, proc)
+    async with aiohttp.ClientSession() as s:
+        info = await _process_info(s, base)
+    assert info["allocator"] == "pymalloc"
+    assert info["pid"] == str(proc.pid)
+    assert info["loop"] == ("uvloop" if importlib.util.find_spec("uvloop") else "asyncio")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=15) == 0
 
 
 def test_cli_errors_are_clear(tmp_path):

@@ -60,3 +60,26 @@ async def test_policy_collects_when_parked_polls_fall_below_half_their_peak():
     await asyncio.sleep(0.1)
     await policy.stop()
     assert policy.full_collections == 1
+
+
+async def test_policy_waits_until_the_parked_polls_stop_falling():
+    # What each tick of the policy reads: disconnects still being processed, then steady.
+    readings = [5000, 5000, 2400, 1200, 600, 300, 100, 100, 100, 100]
+    seen: list[tuple[int, int]] = []  # (reading, collections before it)
+    steady = asyncio.Event()
+
+    def load() -> int:
+        value = readings.pop(0) if len(readings) > 1 else readings[0]
+        seen.append((value, policy.full_collections))
+        if len(seen) > 12:
+            steady.set()
+        return value
+
+    policy = GcPolicy(freeze_interval_s=0.01, full_interval_s=3600, load=load)
+    policy.start()
+    await asyncio.wait_for(steady.wait(), 10)
+    await policy.stop()
+    assert policy.full_collections == 1
+    # Nothing collected while the count fell; once, at the first reading that did not.
+    first = next(i for i, (_v, n) in enumerate(seen) if n == 1)
+    assert [v for v, _n in seen[:first]] == [5000, 5000, 2400, 1200, 600, 300, 100, 100]

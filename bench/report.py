@@ -166,7 +166,7 @@ def markdown(results: dict[str, Any]) -> str:
         + (f", nginx {m['nginx']} + nchan {m['nchan']}" if m.get("nginx") else "")
         + ". Load generator, servers and Redis share the machine.",
         "",
-        f"Broker: commit {results.get('broker_commit', '?')}.",
+        f"Broker: commit {results.get('broker_commit', '?')}{_process(results)}.",
         "",
         f"Long polls: {p['waiters']:,} waiters, each on its own queue/channel; then "
         f"{p['rate']:.0f} publishes/s to random waiters for {p['duration_s']:.0f} s. A "
@@ -323,3 +323,9 @@ def plot(results: dict[str, Any], base: Path) -> list[Path]:
     plt.close(fig)
     files.append(f)
     return files
+
+
+def _process(results: dict[str, Any]) -> str:
+    info = results.get("broker_process") or {}
+    parts = [f"{k} {info[k]}" for k in ("allocator", "loop") if info.get(k)]
+    return f" ({', '.join(parts)})" if parts else ""

@@ -854,6 +854,7 @@ def main(argv: list[str] | None = None) -> int:
             if name == "broker":
                 server: Server = start(Broker(work, redis_url, broker_data, broker_env, src))
                 assert isinstance(server, Broker)
+                results["broker_process"] = server.process_info()
                 ob_available = server.has_route("POST", "/events") and server.has_route(
                     "POST", "/publish/clients/x/sets"
                 )

@@ -175,6 +175,15 @@ class Broker(Server):
     def waiting(self) -> int | None:
         return int(self.metrics().get("broker_waiting_polls", 0))
 
+    def process_info(self) -> dict[str, str]:
+        """The labels of broker_process_info (allocator, event loop); {} on older brokers."""
+        for key in self.metrics():
+            if key.startswith("broker_process_info{"):
+                inner = key.partition("{")[2].rpartition("}")[0]
+                pairs = (kv.split("=", 1) for kv in inner.split(",") if "=" in kv)
+                return {k: v.strip('"') for k, v in pairs}
+        return {}
+
     def has_route(self, method: str, path: str) -> bool:
         """True unless the broker answers 404/405 for an unknown route (OB not built yet)."""
         req = urllib.request.Request(

@@ -26,10 +26,11 @@ ENV = "PYTHONMALLOC"
 
 
 def current() -> str:
-    """The allocator this interpreter runs on, as PYTHONMALLOC names it."""
-    if sys.flags.ignore_environment:  # python -E / -I: PYTHONMALLOC was not read
-        return "pymalloc"
-    return os.environ.get(ENV) or "pymalloc"
+    """The allocator this interpreter really runs on (whatever the environment says).
+
+    pymalloc counts its blocks; on the C malloc (PYTHONMALLOC=malloc) that count stays 0.
+    """
+    return "pymalloc" if sys.getallocatedblocks() > 0 else "malloc"
 
 
 def reexec_args(wanted: str) -> tuple[list[str], dict[str, str]] | None:
@@ -39,7 +40,12 @@ def reexec_args(wanted: str) -> tuple[list[str], dict[str, str]] | None:
     choice, or this process was already restarted), or when the interpreter ignores the
     environment (restarting would not change anything).
     """
-    if wanted == current() or os.environ.get(ENV) or sys.flags.ignore_environment:
+    if (
+        wanted == current()
+        or os.environ.get(ENV)
+        or sys.flags.ignore_environment
+        or os.name != "posix"  # no exec that keeps the process
+    ):
         return None
     # orig_argv is the command line as given (`python -m broker serve ...`), so the restarted
     # process parses the same arguments; argv[0] alone would be the __main__ file.
@@ -50,7 +56,8 @@ def reexec_args(wanted: str) -> tuple[list[str], dict[str, str]] | None:
 def ensure(wanted: str) -> None:
     """Restart this process on `wanted` if it runs on another allocator (never returns then).
 
-    Call before anything else is started: the process image is replaced, its pid kept.
+    Call from the command line's entry point, before anything else is imported or started:
+    the process image is replaced, its pid kept, and the command line run again.
     """
     restart = reexec_args(wanted)
     if restart is None:
@@ -67,4 +74,9 @@ def ensure(wanted: str) -> None:
     argv, env = restart
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(argv[0], argv, env)
+    try:
+        os.execve(argv[0], argv, env)
+    except OSError as e:  # the interpreter moved or vanished: serve on what we have
+        log.warning(
+            "could not restart on the %s allocator (%s); running on %s", wanted, e, current()
+        )

@@ -55,11 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = load_settings(_config_path(args.config))
         if args.command == "serve":
-            from broker import allocator
-            from broker.server import serve
+            if argv is None:  # the real command line, which a restart can run again
+                from broker import allocator
 
-            # First: replaces this process when it runs on the other allocator.
-            allocator.ensure(settings.server.allocator)
+                # First, before the server is imported: may replace this process.
+                allocator.ensure(settings.server.allocator)
+            from broker.server import serve
 
             changes: dict[str, object] = {}
             for name in ("host", "port", "workers"):

@@ -86,21 +86,21 @@ class GcPolicy:
         loop = asyncio.get_running_loop()
         next_full = loop.time() + self.full_interval_s
         waiting = 0
+        vanished = False  # the count fell below half its peak; collect once it stops falling
         while True:
             await asyncio.sleep(self.freeze_interval_s)
             waiting, before = self.load(), waiting
             self._peak = max(self._peak, waiting)
-            # Only once the count has stopped falling: thousands of disconnects take a second
-            # or two to process, and a collection in the middle of them would trim the heap
-            # before most of their memory is free, then not run again (the peak is reset).
-            vanished = (
-                self._peak >= MASS_DISCONNECT_PEAK
-                and waiting <= self._peak // 2
-                and waiting >= before
-            )
+            if self._peak >= MASS_DISCONNECT_PEAK and waiting <= self._peak // 2:
+                vanished = True
+            # Only once the count has stopped falling (or risen again: clients reconnecting):
+            # thousands of disconnects take a second or two to process, and a collection in
+            # the middle of them would trim the heap before most of their memory is free.
+            settled = vanished and waiting >= before
             due = self.full_interval_s > 0 and loop.time() >= next_full
-            if vanished or due:
+            if settled or due:
                 self.collect_all()
+                vanished = False
                 self._peak = waiting
                 next_full = loop.time() + self.full_interval_s
             gc.freeze()

@@ -57,9 +57,12 @@ async def test_policy_collects_when_parked_polls_fall_below_half_their_peak():
     await asyncio.sleep(0.1)
     assert policy.full_collections == 0  # growing load: nothing to reclaim
     load[0] = 2000  # most clients vanished
+    async with asyncio.timeout(10):  # two ticks: below half, then no longer falling
+        while policy.full_collections == 0:  # noqa: ASYNC110 - polling a plain counter
+            await asyncio.sleep(0.02)
     await asyncio.sleep(0.1)
     await policy.stop()
-    assert policy.full_collections == 1
+    assert policy.full_collections == 1  # once, not on every tick after
 
 
 async def test_policy_waits_until_the_parked_polls_stop_falling():
@@ -83,3 +86,25 @@ async def test_policy_waits_until_the_parked_polls_stop_falling():
     # Nothing collected while the count fell; once, at the first reading that did not.
     first = next(i for i, (_v, n) in enumerate(seen) if n == 1)
     assert [v for v, _n in seen[:first]] == [5000, 5000, 2400, 1200, 600, 300, 100, 100]
+
+
+async def test_policy_collects_when_clients_vanish_and_come_straight_back():
+    # All disconnect, then reconnect before the count ever holds still below half.
+    readings = [10000, 10000, 0, 9000, 10000, 10000, 10000, 10000]
+    seen: list[tuple[int, int]] = []
+    steady = asyncio.Event()
+
+    def load() -> int:
+        value = readings.pop(0) if len(readings) > 1 else readings[0]
+        seen.append((value, policy.full_collections))
+        if len(seen) > 10:
+            steady.set()
+        return value
+
+    policy = GcPolicy(freeze_interval_s=0.01, full_interval_s=3600, load=load)
+    policy.start()
+    await asyncio.wait_for(steady.wait(), 10)
+    await policy.stop()
+    assert policy.full_collections == 1  # the cancelled polls' garbage is collected once
+    first = next(i for i, (_v, n) in enumerate(seen) if n == 1)
+    assert [v for v, _n in seen[:first]] == [10000, 10000, 0, 9000]

@@ -1,5 +1,5 @@
 .DEFAULT_GOAL := all
-.PHONY: install format lint mypy test run bench bench-quick all clean
+.PHONY: install format lint mypy test run bench bench-quick bench-instructions all clean
 
 PYTHON ?= python3
 sources = broker tests
@@ -45,6 +45,11 @@ bench: install
 bench-quick: install
 	$(venv)/pip install --quiet -e '.[dev,fast,bench]'
 	$(venv)/python -m bench.run --quick
+
+# Instructions per request under callgrind (needs valgrind): a repeatable A/B for request-path
+# changes, e.g. `make bench-instructions ARGS="--ref HEAD~1,HEAD"` or ARGS="--alloc pymalloc,malloc".
+bench-instructions: install
+	$(venv)/python -m bench.instructions $(ARGS)
 
 all: lint mypy test
 

@@ -1,0 +1,245 @@
+"""Instructions per request, counted by callgrind: `python -m bench.instructions`.
+
+Why: on these shared 2-core machines a throughput run moves by 10-30% from one run to the
+next, so a change worth 5% cannot be seen in requests/s. Callgrind counts the instructions the
+broker executes, which does not depend on what else the machine is doing: the same code,
+inputs and environment give the same count to within about 1% (timestamps, random ids and
+token lengths still vary; hash randomisation is switched off).
+
+How: the broker runs under `valgrind --tool=callgrind --instr-atstart=no` (start-up runs
+uninstrumented), a client in this process sends `--warm` requests of a scenario, then the
+counters are zeroed and instrumentation switched on (`callgrind_control`) for exactly
+`--requests` sequential keep-alive requests, then off, and the counts are dumped. Reported:
+instructions per request. They are not time (cache misses and the kernel's share of syscalls
+are not in them): use this to compare CPU-bound changes in the request path (`--ref` a commit,
+`--alloc` an allocator), and the full kit for figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.loadgen import Issuer
+from bench.servers import REPO, Baseline, Broker
+
+SCENARIOS = ("oxlin_empty", "oxlin_nonempty", "ob_empty")
+
+
+class Callgrind:
+    """Runs a server's command under callgrind, instrumentation off until switched on."""
+
+    pid: int
+    out: Path
+
+    def command(self) -> list[str]:
+        return [
+            "valgrind",
+            "--tool=callgrind",
+            "--instr-atstart=no",
+            f"--callgrind-out-file={self.out}",
+            *super().command(),  # type: ignore[misc]
+        ]
+
+    def control(self, *args: str) -> None:
+        subprocess.run(["callgrind_control", *args, str(self.pid)], check=True, capture_output=True)
+
+    def dumps(self) -> set[Path]:
+        return set(self.out.parent.glob(self.out.name + ".*"))
+
+    def last_dump_total(self, before: set[Path]) -> int:
+        """The instruction total of the dump that appeared since `before` was listed."""
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            for path in self.dumps() - before:
+                for line in reversed(path.read_text(errors="replace").splitlines()):
+                    if line.startswith("totals:"):
+                        return int(line.split()[1])
+            time.sleep(0.2)  # the server process writes the dump, asynchronously
+        raise RuntimeError("callgrind wrote no dump")
+
+
+class CallgrindBroker(Callgrind, Broker):
+    name = "broker-callgrind"
+
+    def __init__(self, work: Path, redis_url: str, src: Path | None, alloc: str) -> None:
+        # PYTHONMALLOC set here: `serve` would otherwise re-execute itself to pick its
+        # allocator, and valgrind does not follow an exec. One event per Oxlin poll, as in
+        # the kit's short-poll scenario.
+        env = {"PYTHONMALLOC": alloc, "BROKER_QUEUES_MAX_BATCH": "1", "PYTHONHASHSEED": "0"}
+        super().__init__(work, redis_url, work / "broker", env, src)
+        self.out = work / "callgrind-broker.out"
+
+
+class CallgrindTrivial(Callgrind, Baseline):
+    def __init__(self, work: Path, alloc: str) -> None:
+        super().__init__(work, "trivial")
+        self.alloc = alloc
+        self.out = work / "callgrind-trivial.out"
+
+    def env(self) -> dict[str, str]:
+        return {**super().env(), "PYTHONMALLOC": self.alloc, "PYTHONHASHSEED": "0"}
+
+
+class Client:
+    """Sequential requests on one keep-alive connection."""
+
+    def __init__(self, port: int) -> None:
+        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+
+    def call(
+        self, method: str, path: str, token: str, body: object = None
+    ) -> http.client.HTTPResponse:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
+        self.conn.request(method, path, body=data, headers=headers)
+        r = self.conn.getresponse()
+        r.read()
+        return r
+
+
+Request = tuple[str, str, str, object, int]  # method, path, token, body, expected status
+
+
+def setup(name: str, client: Client, issuer: Issuer, total: int) -> Request:
+    """Create what scenario `name` polls; the request it repeats."""
+    if name.startswith("oxlin"):
+        user = f"instr-{name}"
+        token = issuer.user(user)
+        r = client.call("POST", "/queues/subscribe", token, {"topics": ["connections"]})
+        if r.status != 201:
+            raise RuntimeError(f"subscribe answered {r.status}")
+        path = r.headers["Location"]
+        if name == "oxlin_empty":
+            return "GET", path, token, None, 204
+        event = {"topic": "connections", "event_type": "X", "resource_type": "CONNECTION"}
+        producer = issuer.producer()
+        for _ in range(0, total, 500):
+            r = client.call(
+                "POST",
+                f"/publish/users/{user}/events",
+                producer,
+                [{**event, "resource": {}} for _ in range(500)],
+            )
+            if r.status != 202:
+                raise RuntimeError(f"publish answered {r.status}")
+        return "GET", path, token, None, 200
+    token = issuer.tpp(f"instr-{name}")
+    r = client.call("POST", "/event-subscriptions", token, {"Data": {"Version": "3.1"}})
+    if r.status not in (200, 201):
+        raise RuntimeError(f"event subscription answered {r.status}")
+    return "POST", "/events", token, {"maxEvents": 100, "returnImmediately": True}, 200
+
+
+def count(server: Callgrind, client: Client, req: Request, warm: int, n: int) -> int:
+    """Instructions per request over `n` requests, after `warm` uncounted ones."""
+    method, path, token, body, status = req
+    for i in range(warm + n):
+        if i == warm:
+            before = server.dumps()
+            server.control("-z")
+            server.control("-i", "on")
+        r = client.call(method, path, token, body)
+        if r.status != status:
+            raise RuntimeError(f"{method} {path} answered {r.status}, not {status}")
+    server.control("-i", "off")
+    server.control("--dump")
+    return server.last_dump_total(before) // n
+
+
+def measure(
+    src: Path | None, alloc: str, scenarios: list[str], warm: int, n: int
+) -> dict[str, int]:
+    from broker.embedded import EmbeddedRedis
+
+    work = Path(tempfile.mkdtemp(prefix="instr-"))
+    out: dict[str, int] = {}
+    trivial = CallgrindTrivial(work, alloc)
+    try:
+        trivial.start(timeout_s=300)
+        out["trivial"] = count(trivial, Client(trivial.port), ("GET", "/", "", None, 204), warm, n)
+    finally:
+        trivial.stop()
+    redis = EmbeddedRedis(work / "redis")
+    url = redis.start()
+    Issuer(str(work / "broker"))  # the dev issuer key, before the broker reads it
+    broker = CallgrindBroker(work, url, src, alloc)
+    try:
+        broker.start(timeout_s=300)
+        issuer = Issuer(str(work / "broker"))
+        for name in scenarios:
+            client = Client(broker.port)
+            out[name] = count(broker, client, setup(name, client, issuer, warm + n), warm, n)
+    finally:
+        broker.stop()
+        redis.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def snapshot(ref: str) -> Path:
+    """broker/ and config/ of commit `ref`, in a temporary folder (as bench.run --broker-ref)."""
+    dest = Path(tempfile.mkdtemp(prefix="instr-src-"))
+    archive = subprocess.run(
+        ["git", "-C", str(REPO), "archive", ref, "broker", "config"],
+        check=True,
+        capture_output=True,
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    return dest
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ref", help="commits to compare, comma-separated (default: work tree)")
+    parser.add_argument("--alloc", default="pymalloc", help="PYTHONMALLOC values, comma-separated")
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS))
+    parser.add_argument("--warm", type=int, default=300)
+    parser.add_argument("--requests", type=int, default=1500)
+    args = parser.parse_args(argv)
+    if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
+        print(
+            "bench.instructions needs valgrind (Debian: apt-get install valgrind)", file=sys.stderr
+        )
+        return 2
+    scenarios = args.scenarios.split(",")
+    refs = args.ref.split(",") if args.ref else [""]
+    rows = []
+    for ref in refs:
+        src = snapshot(ref) if ref else None
+        for alloc in args.alloc.split(","):
+            counts = measure(src, alloc, scenarios, args.warm, args.requests)
+            rows.append((ref or "work tree", alloc, counts))
+            print(
+                f"{ref or 'work tree'} {alloc}: "
+                + ", ".join(f"{k} {v:,}" for k, v in counts.items()),
+                flush=True,
+            )
+        if src is not None:
+            shutil.rmtree(src, ignore_errors=True)
+    print(f"\ninstructions per request ({args.requests} after {args.warm} warm-up):")
+    scenarios = ["trivial", *scenarios]
+    print("| broker | allocator | " + " | ".join(scenarios) + " |")
+    print("|---|---|" + "---|" * len(scenarios))
+    base = rows[0][2]
+    for ref, alloc, counts in rows:
+        cells = [
+            f"{counts[s]:,}" + (f" ({counts[s] / base[s] - 1:+.1%})" if counts is not base else "")
+            for s in scenarios
+        ]
+        print(f"| {ref} | {alloc} | " + " | ".join(cells) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -265,7 +265,9 @@ def long_poll_scenario(
             clear = (s["waiting"] is None or s["waiting"] <= limit) and s["client_conns"] <= limit
             if clear and cleared_at is None:
                 cleared_at = s["t"] - t_abort
-            if cleared_at is not None and s["t"] - t_abort > cleared_at + 2:
+            # 5 s on: the broker's maintenance collection (and heap trim) runs a second or two
+            # after the disconnects are all processed, later on a slow machine.
+            if cleared_at is not None and s["t"] - t_abort > cleared_at + 5:
                 break
         post = hygiene[-1]
         out["hygiene"] = {

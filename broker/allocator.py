@@ -2,12 +2,13 @@
 
 Why this matters: pymalloc carves small objects out of 1 MiB arenas and gives an arena back
 to the OS only when every object in it is gone. After 10,000 parked polls vanish, a few
-thousand small objects made during that wave (interpreter and C-extension caches) outlive it,
-scattered over the arenas, and pin ~65% of the peak memory until the next wave reuses it
-(paired benchmark runs: +114 MB kept of a +171 MB peak). On the C malloc the same
-survivors pin only their 4 KiB pages, and the maintenance collection's malloc_trim hands the
-rest back (+21 MB kept of +190 MB). The price is the malloc header on each small object:
-~0.6 KB more per parked poll (about 5%).
+thousand small objects made during that wave outlive it (what they are is not settled: none
+is reachable from a Python object), scattered over the arenas, and pin ~65% of the peak
+memory until the next wave reuses it (paired benchmark runs: +114 MB kept of a +171 MB
+peak). On the C malloc the same survivors pin only their 4 KiB pages, and the maintenance
+collection's malloc_trim hands the rest back (+21 MB kept of +190 MB). The price: the malloc
+header on each small object, ~0.6 KB more per parked poll (about 5%), and 5-7% more
+instructions per short poll (`make bench-instructions`).
 
 The allocator is fixed when the interpreter starts (PYTHONMALLOC), so `serve` re-executes
 itself once with the variable set; worker processes inherit it. A PYTHONMALLOC the operator set

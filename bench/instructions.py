@@ -12,12 +12,16 @@ counters are zeroed and instrumentation switched on (`callgrind_control`) for ex
 `--requests` sequential keep-alive requests, then off, and the counts are dumped. Reported:
 instructions per request. They are not time (cache misses and the kernel's share of syscalls
 are not in them): use this to compare CPU-bound changes in the request path (`--ref` a commit,
-`--alloc` an allocator), and the full kit for figures.
+`--alloc` an allocator), and the full kit for figures. `--ref` swaps in only `broker/` and
+`config/` of the commit; the installed packages stay. The broker's timers (loop lag, GC
+freeze) fire during the counted requests too: a few hundred instructions a second, and more
+of them per request on a slower machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import json
 import shutil
@@ -49,7 +53,13 @@ class Callgrind:
         ]
 
     def control(self, *args: str) -> None:
-        subprocess.run(["callgrind_control", *args, str(self.pid)], check=True, capture_output=True)
+        # callgrind_control exits 0 even when it reached no run: read what it says.
+        done = subprocess.run(
+            ["callgrind_control", *args, str(self.pid)], capture_output=True, text=True
+        )
+        said = done.stdout + done.stderr
+        if done.returncode != 0 or "Error" in said or "No active" in said or "not detected" in said:
+            raise RuntimeError(f"callgrind_control {' '.join(args)}: {said.strip()!r}")
 
     def dumps(self) -> set[Path]:
         return set(self.out.parent.glob(self.out.name + ".*"))
@@ -60,7 +70,7 @@ class Callgrind:
         while time.monotonic() < deadline:
             for path in self.dumps() - before:
                 for line in reversed(path.read_text(errors="replace").splitlines()):
-                    if line.startswith("totals:"):
+                    if line.startswith("totals:") and int(line.split()[1]) > 0:
                         return int(line.split()[1])
             time.sleep(0.2)  # the server process writes the dump, asynchronously
         raise RuntimeError("callgrind wrote no dump")
@@ -162,28 +172,26 @@ def measure(
 ) -> dict[str, int]:
     from broker.embedded import EmbeddedRedis
 
-    work = Path(tempfile.mkdtemp(prefix="instr-"))
     out: dict[str, int] = {}
-    trivial = CallgrindTrivial(work, alloc)
-    try:
+    with contextlib.ExitStack() as stack:  # every server stopped, the folder removed, on errors too
+        work = Path(tempfile.mkdtemp(prefix="instr-"))
+        stack.callback(shutil.rmtree, work, ignore_errors=True)
+        trivial = CallgrindTrivial(work, alloc)
+        stack.callback(trivial.stop)
         trivial.start(timeout_s=300)
         out["trivial"] = count(trivial, Client(trivial.port), ("GET", "/", "", None, 204), warm, n)
-    finally:
         trivial.stop()
-    redis = EmbeddedRedis(work / "redis")
-    url = redis.start()
-    Issuer(str(work / "broker"))  # the dev issuer key, before the broker reads it
-    broker = CallgrindBroker(work, url, src, alloc)
-    try:
+        redis = EmbeddedRedis(work / "redis")
+        stack.callback(redis.stop)
+        url = redis.start()
+        Issuer(str(work / "broker"))  # the dev issuer key, before the broker reads it
+        broker = CallgrindBroker(work, url, src, alloc)
+        stack.callback(broker.stop)
         broker.start(timeout_s=300)
         issuer = Issuer(str(work / "broker"))
         for name in scenarios:
             client = Client(broker.port)
             out[name] = count(broker, client, setup(name, client, issuer, warm + n), warm, n)
-    finally:
-        broker.stop()
-        redis.stop()
-        shutil.rmtree(work, ignore_errors=True)
     return out
 
 
@@ -213,26 +221,39 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     scenarios = args.scenarios.split(",")
+    if args.requests < 1 or args.warm < 0:
+        parser.error("--requests must be 1 or more, --warm 0 or more")
+    if "oxlin_nonempty" in scenarios and args.warm + args.requests > 9000:
+        parser.error("oxlin_nonempty keeps warm + requests events in a queue: at most 9,000")
     refs = args.ref.split(",") if args.ref else [""]
     rows = []
     for ref in refs:
-        src = snapshot(ref) if ref else None
-        for alloc in args.alloc.split(","):
-            counts = measure(src, alloc, scenarios, args.warm, args.requests)
-            rows.append((ref or "work tree", alloc, counts))
-            print(
-                f"{ref or 'work tree'} {alloc}: "
-                + ", ".join(f"{k} {v:,}" for k, v in counts.items()),
-                flush=True,
-            )
-        if src is not None:
-            shutil.rmtree(src, ignore_errors=True)
-    print(f"\ninstructions per request ({args.requests} after {args.warm} warm-up):")
+        src = snapshot(ref) if ref else None  # an empty entry is the work tree
+        try:
+            for alloc in args.alloc.split(","):
+                counts = measure(src, alloc, scenarios, args.warm, args.requests)
+                rows.append((ref or "work tree", alloc, counts))
+                print(
+                    f"{ref or 'work tree'} {alloc}: "
+                    + ", ".join(f"{k} {v:,}" for k, v in counts.items()),
+                    flush=True,
+                )
+        finally:
+            if src is not None:
+                shutil.rmtree(src, ignore_errors=True)
+    # Several commits: each against the first commit on the same allocator; else the first row.
+    same_alloc = len(refs) > 1
+    against = "the first row with the same allocator" if same_alloc else "the first row"
+    print(
+        f"\ninstructions per request ({args.requests} after {args.warm} warm-up); in brackets,"
+        f" against {against}:"
+    )
     scenarios = ["trivial", *scenarios]
     print("| broker | allocator | " + " | ".join(scenarios) + " |")
     print("|---|---|" + "---|" * len(scenarios))
-    base = rows[0][2]
+    bases: dict[str, dict[str, int]] = {}
     for ref, alloc, counts in rows:
+        base = bases.setdefault(alloc if same_alloc else "", counts)
         cells = [
             f"{counts[s]:,}" + (f" ({counts[s] / base[s] - 1:+.1%})" if counts is not base else "")
             for s in scenarios

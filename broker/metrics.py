@@ -21,17 +21,20 @@ class Metrics:
     sets_expired_total: int = 0
     event_polls_total: int = 0
 
-    def render(self, gauges: dict[str, float]) -> str:
+    def render(self, gauges: dict[str, float], standard: dict[str, float] | None = None) -> str:
+        """The counters and `gauges` under broker_, then `standard` (process_*) as they are."""
         lines = []
         for f in fields(self):
             lines.append(f"# TYPE broker_{f.name} counter")
             lines.append(f"broker_{f.name} {getattr(self, f.name)}")
         typed = set()
-        for name, value in gauges.items():
-            family = name.split("{", 1)[0]
-            if family not in typed:
-                typed.add(family)
-                kind = "counter" if family.endswith("_total") else "gauge"
-                lines.append(f"# TYPE broker_{family} {kind}")
-            lines.append(f"broker_{name} {value:g}")
+        for prefix, values in (("broker_", gauges), ("", standard or {})):
+            for name, value in values.items():
+                family = prefix + name.split("{", 1)[0]
+                if family not in typed:
+                    typed.add(family)
+                    kind = "counter" if family.endswith("_total") else "gauge"
+                    lines.append(f"# TYPE {family} {kind}")
+                # repr, not :g: a start time in epoch seconds needs more than 6 digits
+                lines.append(f"{prefix}{name} {value!r}")
         return "\n".join(lines) + "\n"

@@ -7,7 +7,7 @@ import os
 
 from aiohttp import web
 
-from broker import __version__, allocator, jsonutil
+from broker import __version__, allocator, jsonutil, process
 from broker.appkeys import gcstats_key, hub_key, looplag_key, metrics_key, store_key
 
 routes = web.RouteTableDef()
@@ -51,6 +51,7 @@ async def metrics(request: web.Request) -> web.Response:
             "hub_reconnects_total": hub.reconnects,
             **request.app[gcstats_key].gauges(),
             **request.app[looplag_key].gauges(),
-        }
+        },
+        process.gauges(),
     )
     return web.Response(text=text, content_type="text/plain", charset="utf-8")

@@ -27,7 +27,8 @@ async def test_metrics_carry_the_standard_process_figures(client):
     # this test's process is the broker's: same memory, within what the request itself moved
     assert abs(values["process_resident_memory_bytes"] - rss) < 16 * 2**20
     assert values["process_virtual_memory_bytes"] >= values["process_resident_memory_bytes"]
-    assert 3 <= values["process_open_fds"] <= values["process_max_fds"]
+    assert values["process_max_fds"] >= 3
+    assert "process_open_fds" not in values  # counting them stalls the loop (process.py)
     assert 0 < values["process_cpu_seconds_total"] <= time.process_time() + 1
     assert values["process_start_time_seconds"] <= time.time()
 

@@ -31,6 +31,7 @@ DEV_KEY_NAME = "dev-issuer.pem"
 PUBLISH_SCOPE = "events:publish"
 _ALGS_BY_KTY = {"RSA": ("RS256", "PS256"), "EC": ("ES256",), "OKP": ("EdDSA",)}
 _CACHE_MAX = 100_000
+_PURGE_MIN = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +67,10 @@ class TokenVerifier:
         # Keyed by a 16-byte digest of the token, not the token: a parked poll's token is
         # already held by its request, and tens of thousands of second copies add up.
         self._cache: dict[bytes, Principal] = {}
+        # Expired entries (clients gone, tokens rotated) are dropped when the cache has grown
+        # to this size, which then doubles from what is left: memory stays within twice the
+        # live entries, at amortised O(1) per insert.
+        self._purge_at = _PURGE_MIN
 
     @classmethod
     def from_settings(cls, settings: AuthSettings, data_dir: Path) -> TokenVerifier:
@@ -84,12 +89,28 @@ class TokenVerifier:
         principal = self._decode(token)
         cache_until = min(principal.expires_at, now + self._settings.token_cache_s)
         if self._settings.token_cache_s > 0:
-            if len(self._cache) >= _CACHE_MAX:
-                self._cache.clear()  # crude but bounded; refills with live tokens
+            if len(self._cache) >= self._purge_at:
+                self._purge(now)
             self._cache[key] = Principal(
                 principal.sub, principal.scopes, principal.client_id, cache_until
             )
         return principal
+
+    def _purge(self, now: float) -> None:
+        """Drop expired entries; clear all if live ones alone reach the hard cap.
+
+        Without it, entries of clients that left or rotated their tokens stayed until the
+        cache reached its cap and was cleared whole, and then every live client's token was
+        verified again at once.
+        """
+        cache = self._cache
+        for key in [k for k, p in cache.items() if p.expires_at <= now]:
+            del cache[key]
+        if len(cache) >= _CACHE_MAX:
+            cache.clear()  # only when over 100,000 tokens are live: bounded above all
+        # A fresh dict: a dict's table never shrinks when entries are deleted.
+        self._cache = dict(cache)
+        self._purge_at = max(_PURGE_MIN, 2 * len(self._cache))
 
     def _decode(self, token: str) -> Principal:
         try:

@@ -9,7 +9,7 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from broker.auth import DevIssuer, TokenVerifier
+from broker.auth import DevIssuer, Principal, TokenVerifier
 from broker.config import AuthSettings
 from broker.errors import AuthError, ConfigError, Forbidden
 
@@ -168,6 +168,28 @@ def test_verified_tokens_are_cached_until_expiry(verifier):
     (cached,) = v._cache.values()
     assert cached.expires_at <= first.expires_at
     assert t.encode() not in v._cache and len(next(iter(v._cache))) == 16
+
+
+def test_expired_cache_entries_are_dropped_as_the_cache_grows(verifier):
+    v = verifier()
+    now = time.time()
+    gone = Principal("gone", frozenset(), "gone", now - 1)  # a client that left
+    live = Principal("live", frozenset(), "live", now + 60)
+    for i in range(700):
+        v._cache[b"gone%012d" % i] = gone
+    for i in range(400):
+        v._cache[b"live%012d" % i] = live
+    t = jwt.encode(_claims(exp=int(now) + 60), ED, algorithm="EdDSA", headers={"kid": "ed"})
+    v.verify(t)  # the cache is over 1,024 entries: the expired ones go, the live ones stay
+    assert len(v._cache) == 401
+    assert all(p.expires_at > now for p in v._cache.values())
+    # the next purge waits until the cache has doubled from what was left
+    assert v._purge_at == 1024
+    for i in range(2000):
+        v._cache[b"more%012d" % i] = live
+    v.verify(jwt.encode(_claims(exp=int(now) + 61), ED, algorithm="EdDSA", headers={"kid": "ed"}))
+    assert len(v._cache) == 2402  # all live: nothing dropped, no wholesale clear
+    assert v._purge_at == 2 * 2401
 
 
 def test_dev_issuer_key_is_created_once_and_its_tokens_verify(tmp_path):

@@ -177,23 +177,25 @@ def markdown(results: dict[str, Any]) -> str:
         "by the end of the drain and not found by an immediate read afterwards.",
         "",
         "| target | KB / waiter | Redis conns | idle CPU | latency p50 / p90 / p99 / max (ms) "
-        "| delivered | late >1 s | stranded | lost | dup | vanish → released |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| CPU publishing | delivered | late >1 s | stranded | lost | dup | vanish → released "
+        "| RSS kept after |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name in ("broker", "memlp", "nchan"):
         r = results["long_poll"].get(name)
         if r is None:
             continue
         if "error" in r:
-            out.append(f"| {LABELS[name]} | failed: {r['error']} |||||||||")
+            out.append(f"| {LABELS[name]} | failed: {r['error']} |||||||||||")
             continue
         i, w, h = r["idle"], r["wake"], r["hygiene"]
         conns = "-" if name == "memlp" else f"{i['redis_conns']} / {w['redis_conns_max']}"
         out.append(
             f"| {LABELS[name]} | {i['kb_per_waiter']} | {conns} | {i['cpu_pct']}% | "
-            f"{_fmt_lat(w['latency_ms'])} | {w['delivered']:,} / {w['published_ok']:,} | "
+            f"{_fmt_lat(w['latency_ms'])} | {w.get('cpu_pct', '?')}% | "
+            f"{w['delivered']:,} / {w['published_ok']:,} | "
             f"{w['late_1s']} | {w['stranded']} | {w['lost']} | {w['duplicates']} | "
-            f"{h['seconds_to_clear']} s |"
+            f"{h['seconds_to_clear']} s | {_kept(h)} |"
         )
     by_api = ((results["long_poll"].get("broker") or {}).get("wake") or {}).get("latency_by_api_ms")
     if by_api and len(by_api) > 1:
@@ -329,3 +331,12 @@ def _process(results: dict[str, Any]) -> str:
     info = results.get("broker_process") or {}
     parts = [f"{k} {info[k]}" for k in ("allocator", "loop") if info.get(k)]
     return f" ({', '.join(parts)})" if parts else ""
+
+
+def _kept(h: dict[str, Any]) -> str:
+    """RSS after the vanish against the start, as a share of the peak growth."""
+    grown = h["rss_before"] - h["rss_start"]
+    kept = h["rss_after"] - h["rss_start"]
+    if grown <= 0:
+        return "-"
+    return f"+{kept / 2**20:.0f} of +{grown / 2**20:.0f} MB ({kept / grown:.0%})"

@@ -110,7 +110,8 @@ class TokenVerifier:
             cache.clear()  # only when over 100,000 tokens are live: bounded above all
         # A fresh dict: a dict's table never shrinks when entries are deleted.
         self._cache = dict(cache)
-        self._purge_at = max(_PURGE_MIN, 2 * len(self._cache))
+        # Never past the cap: the cache stays within _CACHE_MAX between sweeps too.
+        self._purge_at = min(max(_PURGE_MIN, 2 * len(self._cache)), _CACHE_MAX)
 
     def _decode(self, token: str) -> Principal:
         try:

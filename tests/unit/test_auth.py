@@ -190,6 +190,11 @@ def test_expired_cache_entries_are_dropped_as_the_cache_grows(verifier):
     v.verify(jwt.encode(_claims(exp=int(now) + 61), ED, algorithm="EdDSA", headers={"kid": "ed"}))
     assert len(v._cache) == 2402  # all live: nothing dropped, no wholesale clear
     assert v._purge_at == 2 * 2401
+    # the hard cap holds between sweeps: the next one is due at 100,000 at the latest
+    for i in range(60_000):
+        v._cache[b"big%013d" % i] = live
+    v.verify(jwt.encode(_claims(exp=int(now) + 62), ED, algorithm="EdDSA", headers={"kid": "ed"}))
+    assert v._purge_at == 100_000
 
 
 def test_dev_issuer_key_is_created_once_and_its_tokens_verify(tmp_path):

@@ -35,7 +35,7 @@ class ServerSettings:
     backlog: int = 4096
     # Garbage collector (broker/gcstats.py): survivors are frozen this often (0: never), and
     # everything is collected once this often to reclaim rare cycles (0: never).
-    gc_freeze_interval_s: float = 1.0
+    gc_freeze_interval_s: float = 0.1
     gc_full_interval_s: float = 3600.0
     # Memory allocator (broker/allocator.py): "malloc" hands memory back after a mass
     # disconnect; "pymalloc" (CPython's own) keeps ~5% less per parked poll but holds on to

@@ -34,12 +34,40 @@ async def test_policy_freezes_survivors_and_runs_the_maintenance_collection():
     gc.unfreeze()
     before = gc.get_freeze_count()
     keep = [[i] for i in range(5000)]  # survivors: tracked containers
-    policy = GcPolicy(freeze_interval_s=0.05, full_interval_s=0.12)
+    policy = GcPolicy(freeze_interval_s=0.05, full_interval_s=0.12, check_interval_s=0.05)
     policy.start()
     await asyncio.sleep(0.4)
     await policy.stop()
     assert gc.get_freeze_count() >= before + len(keep)
     assert policy.full_collections >= 1
+
+
+async def test_policy_freezes_every_tick_but_counts_polls_once_per_check_interval(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    freezes: list[int] = []
+    real_freeze = gc.freeze
+
+    def freeze() -> None:
+        freezes.append(1)
+        real_freeze()
+
+    monkeypatch.setattr(gc, "freeze", freeze)
+    counted: list[int] = []
+
+    def load() -> int:
+        counted.append(1)
+        return 0
+
+    policy = GcPolicy(freeze_interval_s=0.01, full_interval_s=3600, load=load, check_interval_s=0.2)
+    policy.start()
+    await asyncio.sleep(0.5)
+    await policy.stop()
+    # ~50 ticks in 0.5 s (fewer on a slow machine), every one a freeze; the count at most
+    # once per 0.2 s: the first tick, then about two more
+    assert len(freezes) >= 10
+    assert 1 <= len(counted) <= 4
+    assert len(freezes) > 2 * len(counted)
 
 
 async def test_metrics_expose_gc_pauses(client):
@@ -51,7 +79,9 @@ async def test_metrics_expose_gc_pauses(client):
 
 async def test_policy_collects_when_parked_polls_fall_below_half_their_peak():
     load = [0]
-    policy = GcPolicy(freeze_interval_s=0.02, full_interval_s=3600, load=lambda: load[0])
+    policy = GcPolicy(
+        freeze_interval_s=0.02, full_interval_s=3600, load=lambda: load[0], check_interval_s=0.02
+    )
     policy.start()
     load[0] = 5000
     await asyncio.sleep(0.1)
@@ -82,7 +112,9 @@ async def _replay(readings: list[int]) -> tuple[int, list[int]]:
             steady.set()
         return value
 
-    policy = GcPolicy(freeze_interval_s=0.01, full_interval_s=3600, load=load)
+    policy = GcPolicy(
+        freeze_interval_s=0.01, full_interval_s=3600, load=load, check_interval_s=0.01
+    )
     policy.start()
     await asyncio.wait_for(steady.wait(), 10)
     await policy.stop()

@@ -830,6 +830,9 @@ def main(argv: list[str] | None = None) -> int:
     def stop(server: Server) -> None:
         server.stop()
         servers.remove(server)
+        if isinstance(server, Nchan):
+            for crash in server.crashes():
+                notes.append(f"Nchan's nginx worker crashed during the run: {crash}.")
 
     try:
         redis_url = redis.start()

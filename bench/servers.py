@@ -378,3 +378,28 @@ http {{
 
     def waiting(self) -> int | None:
         return self.status().get("subscribers")
+
+    def crashes(self) -> list[str]:
+        """nginx worker processes that died during the run, with the assertion that killed them.
+
+        nginx restarts a dead worker on its own, so a crash shows only as errors and lost
+        subscribers in the figures; the results must say why.
+        """
+        try:
+            lines = (self.dir / "error.log").read_text(errors="replace").splitlines()
+        except OSError:
+            return []
+        out = []
+        for i, line in enumerate(lines):
+            if "exited on signal" in line:
+                cause = next((c for c in reversed(lines[:i]) if "Assertion" in c), "")
+                # the worker's stderr line is cut at the front; keep it from the source file
+                cause = cause[cause.find("src/") :] if "src/" in cause else cause.strip()
+                out.append(_after_pid(line) + (f" ({cause})" if cause else ""))
+        return out
+
+
+def _after_pid(line: str) -> str:
+    """An nginx log line without its timestamp and pid prefix."""
+    head, sep, tail = line.partition(": ")
+    return tail.strip() if sep and "#" in head else line.strip()

@@ -167,6 +167,20 @@ class Waiter:
         return await self.until(timeout)
 
 
+class _Bucket(set[Waiter]):
+    """The waiters of one deadline tick, and the tick itself.
+
+    Each waiter points at this one tick object (an int of its own would be ~50 bytes more per
+    parked poll, allocator header included).
+    """
+
+    __slots__ = ("tick",)
+
+    def __init__(self, tick: int) -> None:
+        super().__init__()
+        self.tick = tick
+
+
 # Waiters expire in buckets this wide (seconds): one loop timer per bucket instead of one per
 # waiter. A uvloop TimerHandle costs about 600 bytes; 10,000 of them were 6 MB, and a long
 # poll answering up to 10 ms late is fine. Deadlines round up, so none answers early.
@@ -183,7 +197,7 @@ class Hub:
         self._count = 0
         # Deadline buckets: tick number -> waiters expiring then; a heap of the ticks; the
         # one loop timer, armed for the earliest tick.
-        self._buckets: dict[int, set[Waiter]] = {}
+        self._buckets: dict[int, _Bucket] = {}
         self._ticks: list[int] = []
         self._in_heap: set[int] = set()
         self._timer: asyncio.TimerHandle | None = None
@@ -274,14 +288,14 @@ class Hub:
             self._unschedule(waiter)
         bucket = self._buckets.get(tick)
         if bucket is None:
-            bucket = self._buckets[tick] = set()
+            bucket = self._buckets[tick] = _Bucket(tick)
             if tick not in self._in_heap:  # a bucket emptied and made again: pushed once
                 self._in_heap.add(tick)
                 heapq.heappush(self._ticks, tick)
             if self._timer is None or tick < self._timer_tick:
                 self._arm_timer(loop, tick)
         bucket.add(waiter)
-        waiter._tick = tick
+        waiter._tick = bucket.tick  # the bucket's int, shared, not the one computed above
 
     def _unschedule(self, waiter: Waiter) -> None:
         tick = waiter._tick

@@ -54,6 +54,11 @@ class PollOutcome:
     next_lease_s: float | None  # seconds until a leased SET is deliverable again
 
 
+# The outcome of every poll that acked, nacked, expired and found nothing: never changed by its
+# users (its empty `sets` is only read).
+NOTHING = PollOutcome(sets={}, more=False, acked=0, nacked=0, expired=0, next_lease_s=None)
+
+
 class SetStore:
     def __init__(
         self,
@@ -124,6 +129,9 @@ class SetStore:
         except UNAVAILABLE:
             reply = await guard(self.runner.run(self._poll, keys, args))
         acked, nacked, expired, more, next_ms, flat = reply
+        if not flat and not (acked or nacked or expired or more) and int(next_ms) < 0:
+            # Shared: a parked poll holds its last (empty) outcome for as long as it waits.
+            return NOTHING
         sets = {flat[i].decode(): flat[i + 1].decode() for i in range(0, len(flat), 2)}
         return PollOutcome(
             sets=sets,

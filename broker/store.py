@@ -73,6 +73,11 @@ class PollResult:
     token: str  # names this poll, for rewind()
 
 
+# The result of every read that found nothing: never changed by its users. Its token is empty
+# because there is nothing to rewind (rewind() is only called for results with a body).
+NOTHING = PollResult(body=None, count=0, dropped=0, token="")
+
+
 @dataclass(slots=True)  # not frozen: a frozen __init__ costs 4x, and one is made per request
 class PublishResult:
     ids: list[str]
@@ -151,6 +156,9 @@ class QueueStore:
         if not reply:
             return None
         dropped, entries = reply
+        if not entries and not int(dropped):
+            # Shared: a parked poll holds its last (empty) result for as long as it waits.
+            return NOTHING
         return PollResult(
             body=_events_array(entries) if entries else None,
             count=len(entries),

@@ -130,7 +130,6 @@ def _claims(issuer: str, client_id: str, s: ob.SetInput) -> dict[str, Any]:
 async def poll_events(request: web.Request) -> web.Response:
     """RFC 8936 poll: validate, ack, nack, select; long-poll when nothing is ready."""
     # Answers its own errors: a parked poll holds no wrapper frame (routing.guards_itself).
-    interaction = ob.interaction_id(request)
     response: web.Response
     try:
         principal = authenticate(request)
@@ -143,6 +142,9 @@ async def poll_events(request: web.Request) -> web.Response:
         limit = cap if poll.max_events is None else min(poll.max_events, cap)
         # maxEvents 0 answers at once (spec §9.10); absent returnImmediately means a long poll.
         immediate = poll.return_immediately is True or limit == 0
+        ack: tuple[str, ...] = poll.ack
+        set_errs: dict[str, tuple[str, str]] | None = poll.set_errs
+        del poll  # a parked poll keeps only what it still needs
         wait = 0.0 if immediate else min(settings.poll.default_wait_s, settings.poll.max_wait_s)
 
         # Acks and nacks ride on the first read only: applied exactly once per request. Not
@@ -150,13 +152,11 @@ async def poll_events(request: web.Request) -> web.Response:
         # not, and either is safe: acks are idempotent and a SET selected for an answer that is
         # never sent stays unacked, so it is delivered again.
         if wait <= 0:
-            outcome = await store.poll(client, limit=limit, ack=poll.ack, set_errs=poll.set_errs)
+            outcome = await store.poll(client, limit=limit, ack=ack, set_errs=set_errs)
             _count(request, client, outcome)
         else:
             loop = asyncio.get_running_loop()
             deadline = loop.time() + wait
-            ack: tuple[str, ...] = poll.ack
-            set_errs: dict[str, tuple[str, str]] | None = poll.set_errs
             # Register first, then read: a publish landing between the read and the wait still
             # finds this waiter registered (see hub.py).
             with hub.watch(keyspace.client_tag(client)) as waiter:
@@ -188,7 +188,8 @@ async def poll_events(request: web.Request) -> web.Response:
         )
     except Exception as e:  # CancelledError is a BaseException: it goes through
         response = ob.answer_error(request, e)
-    response.headers[ob.INTERACTION_ID] = interaction
+    # Taken (or made) now, not on arrival: a parked poll need not hold a UUID string.
+    response.headers[ob.INTERACTION_ID] = ob.interaction_id(request)
     return response
 
 

@@ -300,6 +300,18 @@ async def test_43_default_is_a_long_poll_until_the_timeout(make_client, auth):
     assert 0.9 <= elapsed < 3.0
 
 
+async def test_41_a_long_poll_answers_with_the_interaction_id_it_came_with(make_client, auth):
+    """The header is set when the answer is made (a parked poll holds no id of its own)."""
+    client = await make_client(poll={"default_wait_s": 0.2, "max_wait_s": 5})
+    a = TPP(client, auth, "tpp-a")
+    await a.subscribe()
+    r = await a.poll({}, headers={"x-fapi-interaction-id": "X-parked"})
+    assert r.status == 200 and r.json()["sets"] == {}
+    assert r.headers["x-fapi-interaction-id"] == "X-parked"
+    r = await a.poll({})
+    assert uuid.UUID(r.headers["x-fapi-interaction-id"]).version == 4
+
+
 async def test_43_hold_is_capped_by_max_wait(make_client, auth):
     client = await make_client(poll={"default_wait_s": 30, "max_wait_s": 1})
     a = TPP(client, auth, "tpp-a")

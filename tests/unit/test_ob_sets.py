@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from broker import keyspace
-from broker.sets import NO_SUBSCRIPTION, NOT_SUBSCRIBED, QUEUED, SetStore, SignedSet
+from broker.sets import NO_SUBSCRIPTION, NOT_SUBSCRIBED, NOTHING, QUEUED, SetStore, SignedSet
 
 RU = ("UK.OBIE.Resource-Update",)
 CAR = ("UK.OBIE.Consent-Authorization-Revoked",)
@@ -78,6 +78,23 @@ async def test_poll_acks_nacks_and_reports_counts(redis):
     out = await store.poll("c", limit=10, ack=["b"], set_errs={"b": ("x", "y")})
     assert (out.acked, out.nacked) == (0, 0)
     assert list(out.sets) == ["c", "d"]
+
+
+async def test_a_poll_that_changed_and_found_nothing_shares_one_empty_outcome(redis):
+    """A parked poll holds its last outcome while it waits: not one of its own each."""
+    await subscribe(redis, "c")
+    store = SetStore(redis, retention_s=3600, redelivery_s=0)
+    first, second = await store.poll("c", limit=10), await store.poll("c", limit=10)
+    assert first is second is NOTHING
+    assert (first.sets, first.more, first.next_lease_s) == ({}, False, None)
+    assert (first.acked, first.nacked, first.expired) == (0, 0, 0)
+    await store.publish("c", signed("a"))
+    out = await store.poll("c", limit=10)
+    assert out is not NOTHING and out.sets == {"a": "h.a.s"}
+    # an ack is news too, even when nothing is left to select
+    acked = await store.poll("c", limit=10, ack=["a"])
+    assert acked is not NOTHING and acked.acked == 1 and acked.sets == {}
+    assert NOTHING.sets == {}  # never written to by the polls above
 
 
 async def test_limit_zero_selects_nothing_but_reports_more(redis):

@@ -6,7 +6,7 @@ import pytest
 
 from broker import keyspace
 from broker.oxlin import encode_events
-from broker.store import QueueStore
+from broker.store import NOTHING, QueueStore
 from tests.oxlin_helpers import connection_event
 
 
@@ -22,6 +22,17 @@ def _events(n):
         max_event_bytes=65536,
         max_batch=100,
     )
+
+
+async def test_empty_reads_share_one_result(store):
+    """A parked poll holds its last (empty) result while it waits: not one of its own each."""
+    qid = await store.subscribe("u1", ["connections"])
+    first, second = await store.poll("u1", qid), await store.poll("u1", qid)
+    assert first is second is NOTHING
+    assert (first.body, first.count, first.dropped) == (None, 0, 0)
+    await store.publish("u1", _events(1))
+    read = await store.poll("u1", qid)
+    assert read is not NOTHING and read.count == 1 and read.token  # its own, to rewind by
 
 
 async def test_a_repeated_poll_token_is_served_the_same_events(store):

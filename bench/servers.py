@@ -363,6 +363,9 @@ http {{
 
     def command(self) -> list[str]:
         self.dir.mkdir(parents=True, exist_ok=True)
+        # A fresh log: an earlier Nchan on the same port would append to it, and its crashes
+        # would be reported again as this run's (crashes()).
+        (self.dir / "error.log").unlink(missing_ok=True)
         conf = self.dir / "nginx.conf"
         conf.write_text(self.config())
         return [shutil.which("nginx") or "nginx", "-p", str(self.dir), "-c", str(conf)]
@@ -390,9 +393,11 @@ http {{
         except OSError:
             return []
         out = []
+        since = 0  # an assertion belongs to the first death after it, not to later ones
         for i, line in enumerate(lines):
             if "exited on signal" in line:
-                cause = next((c for c in reversed(lines[:i]) if "Assertion" in c), "")
+                cause = next((c for c in reversed(lines[since:i]) if "Assertion" in c), "")
+                since = i + 1
                 # the worker's stderr line is cut at the front; keep it from the source file
                 cause = cause[cause.find("src/") :] if "src/" in cause else cause.strip()
                 out.append(_after_pid(line) + (f" ({cause})" if cause else ""))

@@ -33,8 +33,9 @@ class ServerSettings:
     # Listen backlog: aiohttp's default (128) overflows when thousands of pollers reconnect at
     # once (after a deploy); the kernel caps it at net.core.somaxconn.
     backlog: int = 4096
-    # Garbage collector (broker/gcstats.py): survivors are frozen this often (0: never), and
-    # everything is collected once this often to reclaim rare cycles (0: never).
+    # Garbage collector (broker/gcstats.py): survivors are frozen this often (0: never, and no
+    # maintenance collections either), and everything is collected once this often to reclaim
+    # rare cycles (0: only after a mass disconnect).
     gc_freeze_interval_s: float = 0.1
     gc_full_interval_s: float = 3600.0
     # Memory allocator (broker/allocator.py): "malloc" hands memory back after a mass

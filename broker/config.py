@@ -140,6 +140,10 @@ class PollSettings:
     default_wait_s: float = 30.0
     # How long the hub's XREAD blocks before it re-arms; bounds how fast it notices shutdown.
     hub_block_ms: int = 5000
+    # A poll that finds nothing is answered after its hold less up to this fraction (random):
+    # clients that all connected at once (a deploy, a network blip) and re-poll at once keep
+    # timing out together, every hold, unless something spreads them.
+    hold_jitter: float = 0.05
 
     def check(self) -> None:
         _require(
@@ -154,6 +158,12 @@ class PollSettings:
             "poll.hub_block_ms",
             self.hub_block_ms,
             "between 100 and 60000",
+        )
+        _require(
+            0 <= self.hold_jitter <= 0.5,
+            "poll.hold_jitter",
+            self.hold_jitter,
+            "between 0 and 0.5",
         )
 
 

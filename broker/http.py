@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import re
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
@@ -86,6 +87,14 @@ def requested_wait(request: web.Request, max_wait_s: float) -> float:
     if not wait >= 0:  # also rejects NaN
         raise InvalidRequest(f"{source} must be >= 0, got {raw!r}", path="wait")
     return min(wait, max_wait_s)
+
+
+def held(wait: float, jitter: float) -> float:
+    """How long to hold a poll asked to wait `wait` s: up to `jitter` of it less, at random.
+
+    Never longer than asked, so a client's own time-out is never overrun.
+    """
+    return wait * (1.0 - jitter * random.random()) if jitter else wait
 
 
 def _query_param(query: str, name: str) -> str | None:

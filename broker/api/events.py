@@ -29,7 +29,7 @@ from broker.appkeys import (
 )
 from broker.auth import PUBLISH_SCOPE
 from broker.errors import InvalidRequest, PayloadTooLarge
-from broker.http import authenticate, client_gone, finish, parked, read_json
+from broker.http import authenticate, client_gone, finish, held, parked, read_json
 from broker.routing import guards_itself
 from broker.sets import NO_SUBSCRIPTION, QUEUED, PollOutcome, SetStore, SignedSet
 from broker.signing import compact_jws
@@ -156,7 +156,7 @@ async def poll_events(request: web.Request) -> web.Response:
             _count(request, client, outcome)
         else:
             loop = asyncio.get_running_loop()
-            deadline = loop.time() + wait
+            deadline = loop.time() + held(wait, settings.poll.hold_jitter)
             # Register first, then read: a publish landing between the read and the wait still
             # finds this waiter registered (see hub.py).
             with hub.watch(keyspace.client_tag(client)) as waiter:

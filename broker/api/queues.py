@@ -13,6 +13,7 @@ from broker.http import (
     authenticate,
     client_gone,
     finish,
+    held,
     in_background,
     parked,
     read_json,
@@ -58,7 +59,7 @@ async def poll(request: web.Request) -> web.Response:
             result = await _consume(request, store, user, queue_id)
         else:
             loop = asyncio.get_running_loop()
-            deadline = loop.time() + wait
+            deadline = loop.time() + held(wait, settings.poll.hold_jitter)
             # Register first, then read: a publish landing between the read and the wait still
             # finds this waiter registered (see hub.py).
             with hub.watch(keyspace.user_tag(user)) as waiter:

@@ -36,6 +36,22 @@ async def test_wait_times_out_with_204(client, auth):
     assert 0.5 <= elapsed < 3
 
 
+async def test_polls_that_find_nothing_are_answered_at_spread_times(make_client, auth):
+    """poll.hold_jitter: clients that came at once and re-poll at once drift apart."""
+    client = await make_client(poll={"hold_jitter": 0.5})
+    locs = [await subscribe(client, auth, f"u{i}") for i in range(6)]
+
+    async def hold(i: int, loc: str) -> float:
+        started = time.monotonic()
+        r = await client.get(loc + "?wait=2", headers=auth(f"u{i}"))
+        assert r.status == 204
+        return time.monotonic() - started
+
+    holds = await asyncio.gather(*(hold(i, loc) for i, loc in enumerate(locs)))
+    assert all(0.95 <= h < 3 for h in holds)  # 1-2 s, never past the 2 s asked for (+slack)
+    assert min(holds) < 1.9  # six draws all in the top 10% of the band: one in a million
+
+
 async def test_prefer_wait_header_holds_the_poll(client, auth):
     loc = await subscribe(client, auth, "u1")
     started = time.monotonic()

@@ -50,6 +50,7 @@ def test_env_overrides_file(tmp_path):
         ({"BROKER_SIGNING_PROFILE": "jose"}, "signing.profile", "jose"),
         ({"BROKER_SERVER_ACCESS_LOG": "maybe"}, "server.access_log", "maybe"),
         ({"BROKER_SERVER_ALLOCATOR": "jemalloc"}, "server.allocator", "jemalloc"),
+        ({"BROKER_POLL_HOLD_JITTER": "0.9"}, "poll.hold_jitter", "0.9"),
         ({"BROKER_AUTH_JWKS_FILE": "/nonexistent.json"}, "auth.jwks_file", "/nonexistent.json"),
     ],
 )

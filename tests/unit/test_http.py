@@ -11,7 +11,7 @@ from aiohttp.test_utils import make_mocked_request
 
 from broker.appkeys import background_key
 from broker.errors import InvalidRequest
-from broker.http import finish, in_background, requested_wait
+from broker.http import finish, held, in_background, requested_wait
 
 
 def _request(path: str = "/", headers: dict[str, str] | None = None) -> web.Request:
@@ -70,3 +70,11 @@ def test_requested_wait(path, headers, expected):
 def test_bad_wait_is_invalid(path):
     with pytest.raises(InvalidRequest):
         requested_wait(_request(path), 30.0)
+
+
+def test_a_hold_is_spread_below_the_wait_never_above():
+    assert held(30.0, 0.0) == 30.0
+    holds = [held(30.0, 0.2) for _ in range(1000)]
+    assert all(24.0 <= h <= 30.0 for h in holds)
+    # spread over the band, so clients that time out together drift apart
+    assert max(holds) - min(holds) > 3.0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import time
 
 import aiohttp
@@ -258,6 +259,8 @@ async def test_a_parked_poll_holds_no_idle_timer_and_its_connection_stays_alive(
             await asyncio.sleep(0.02)
         (busy,) = [p for p in server.connections if p._request_in_progress]
         assert hasattr(busy, "_keepalive_handle") and busy._keepalive_handle is None
+        # its (empty) queue of pipelined requests is a list now, not a ~760-byte deque
+        assert type(busy._messages) is not collections.deque and len(busy._messages) == 0
         await publish(client, auth, "u1", connection_event())
         r = await asyncio.wait_for(poll, 3)
         assert r.status == 200
@@ -268,6 +271,45 @@ async def test_a_parked_poll_holds_no_idle_timer_and_its_connection_stays_alive(
         r = await poller.get(client.make_url(loc), headers=auth("u1"))
         assert r.status == 204
         assert busy._manager.requests_count == served + 1 and busy in server.connections
+
+
+async def test_a_request_pipelined_behind_a_parked_poll_is_answered_after_it(client, auth):
+    """The parked poll's connection queues the next request in the list http.parked put there."""
+    loc = await subscribe(client, auth, "u1")
+    await publish(client, auth, "u1", connection_event(event_type="FIRST"))
+    r = await client.get(loc, headers=auth("u1"))  # the queue is empty again
+    assert r.status == 200
+    token = auth("u1")["Authorization"]
+
+    def get(target: str) -> bytes:
+        return f"GET {target} HTTP/1.1\r\nHost: t\r\nAuthorization: {token}\r\n\r\n".encode()
+
+    reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
+    try:
+        writer.write(get(loc + "?wait=5"))
+        for _ in range(100):
+            if client.app[hub_key].waiting == 1:
+                break
+            await asyncio.sleep(0.02)
+        assert client.app[hub_key].waiting == 1
+        writer.write(get(loc))  # sent while the first waits: it queues behind it
+        await asyncio.sleep(0.2)
+        await publish(client, auth, "u1", connection_event(event_type="SECOND"))
+
+        async def answer() -> tuple[bytes, bytes]:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = 0
+            for line in head.split(b"\r\n"):
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":")[1])
+            return head.split(b"\r\n")[0], await reader.readexactly(length)
+
+        first = await asyncio.wait_for(answer(), 3)
+        second = await asyncio.wait_for(answer(), 3)
+    finally:
+        writer.close()
+    assert first[0].endswith(b"200 OK") and b'"SECOND"' in first[1]
+    assert second[0].endswith(b"204 No Content")  # answered, in order, after the poll
 
 
 async def test_a_timed_out_poll_reads_its_queue_once(client, auth, monkeypatch):

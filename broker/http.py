@@ -149,9 +149,10 @@ class _MessageQueue(list[Any]):
         return self.pop(0)
 
 
-# The buffer of every fully read request body while its poll is parked: always empty, and
-# with maxlen 0 nothing can ever be kept in it, so one is shared by all.
-_DRAINED: deque[bytes] = deque(maxlen=0)
+# What a fully read request body keeps as its buffer while its poll is parked: an empty
+# tuple reads as an empty buffer everywhere aiohttp reads one, and writing to it raises (no
+# write is expected after the body's end; were one to come, it must not vanish silently).
+_DRAINED: Any = ()
 
 
 def parked(request: web.Request) -> None:
@@ -166,8 +167,10 @@ def parked(request: web.Request) -> None:
       timer costs ~600 bytes. aiohttp arms a fresh one when the answer has been sent.
     - the connection's queue of pipelined requests (empty: this request was taken from it)
       moves from a deque (~760 bytes even empty) to a list, for the connection's life.
-    - the request body's buffer (an OB poll's), once read to its end: it can never fill
-      again (aiohttp refuses data after the end), so its empty deque gives way to a shared one.
+    - the request body's buffer (an OB poll's), once read to its end: aiohttp's parser feeds
+      nothing more into it, so its empty deque gives way to an empty tuple.
+    The queue is left alone when a pipelined request already waits in it, and a chunked body
+    keeps a second small deque (its chunk boundaries). aiohttp is pinned below 3.15 for this.
     """
     protocol = request.protocol
     handle = getattr(protocol, "_keepalive_handle", None)
@@ -178,7 +181,8 @@ def parked(request: web.Request) -> None:
     messages = getattr(protocol, "_messages", None)
     if type(messages) is deque and not messages:
         protocol._messages = _MessageQueue()  # type: ignore[assignment]  # duck-typed deque
-    body = request.content
+    # request._payload, not request.content: that caches itself on the request (~88 bytes).
+    body: Any = getattr(request, "_payload", None)
     if type(getattr(body, "_buffer", None)) is deque and body.is_eof() and not body._buffer:
         body._buffer = _DRAINED
 

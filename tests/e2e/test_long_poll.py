@@ -8,8 +8,10 @@ import time
 
 import aiohttp
 
+from broker import http
 from broker.appkeys import background_key, hub_key, metrics_key, store_key
 from tests.oxlin_helpers import connection_event, publish, subscribe
+from tests.parking import parked_connection
 
 
 async def test_wait_returns_as_soon_as_an_event_is_published(client, auth):
@@ -253,11 +255,7 @@ async def test_a_parked_poll_holds_no_idle_timer_and_its_connection_stays_alive(
     poll_url = client.make_url(loc + "?wait=5")
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as poller:
         poll = asyncio.ensure_future(poller.get(poll_url, headers=auth("u1")))
-        for _ in range(100):
-            if client.app[hub_key].waiting == 1:
-                break
-            await asyncio.sleep(0.02)
-        (busy,) = [p for p in server.connections if p._request_in_progress]
+        busy = await parked_connection(server)
         assert hasattr(busy, "_keepalive_handle") and busy._keepalive_handle is None
         # its (empty) queue of pipelined requests is a list now, not a ~760-byte deque
         assert type(busy._messages) is not collections.deque and len(busy._messages) == 0
@@ -284,16 +282,18 @@ async def test_a_request_pipelined_behind_a_parked_poll_is_answered_after_it(cli
     def get(target: str) -> bytes:
         return f"GET {target} HTTP/1.1\r\nHost: t\r\nAuthorization: {token}\r\n\r\n".encode()
 
+    server = client.server.runner.server
+    assert server is not None
     reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
     try:
         writer.write(get(loc + "?wait=5"))
+        busy = await parked_connection(server)
+        writer.write(get(loc))  # sent while the first waits: it queues behind it, in the list
         for _ in range(100):
-            if client.app[hub_key].waiting == 1:
+            if len(busy._messages) == 1:
                 break
             await asyncio.sleep(0.02)
-        assert client.app[hub_key].waiting == 1
-        writer.write(get(loc))  # sent while the first waits: it queues behind it
-        await asyncio.sleep(0.2)
+        assert type(busy._messages) is http._MessageQueue and len(busy._messages) == 1
         await publish(client, auth, "u1", connection_event(event_type="SECOND"))
 
         async def answer() -> tuple[bytes, bytes]:

@@ -210,6 +210,14 @@ def markdown(results: dict[str, Any]) -> str:
         "| scenario | req/s | vs trivial aiohttp | server CPU |",
         "|---|---|---|---|",
     ]
+    transport = results.get("broker_redis_transport", {})
+    if transport.get("throughput") == "unix":
+        out[-3:-3] = [
+            "The broker reaches Redis over its Unix socket here (as `serve` does with its "
+            'embedded server); the rows "over TCP" repeat its polls over TCP loopback, as '
+            "the long polls above ran.",
+            "",
+        ]
     t = results["throughput"]
     triv = t.get("trivial", {}).get("rps") or 0
     names = {
@@ -218,6 +226,10 @@ def markdown(results: dict[str, Any]) -> str:
         "broker_oxlin_empty": "broker GET /queues/{id}, empty (204)",
         "broker_ob_nonempty": "broker POST /events, non-empty (1 SET each)",
         "broker_ob_empty": "broker POST /events, empty",
+        "broker_tcp_oxlin_nonempty": "broker over TCP, GET /queues/{id}, non-empty",
+        "broker_tcp_oxlin_empty": "broker over TCP, GET /queues/{id}, empty",
+        "broker_tcp_ob_nonempty": "broker over TCP, POST /events, non-empty",
+        "broker_tcp_ob_empty": "broker over TCP, POST /events, empty",
         "memlp_nonempty": "in-memory aiohttp, non-empty",
         "memlp_empty": "in-memory aiohttp, empty",
         "nchan_nonempty": "Nchan intervalpoll, from its buffer",

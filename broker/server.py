@@ -90,10 +90,13 @@ def serve(settings: Settings, *, dev_banner: bool = True) -> int:
     """Start the embedded server if redis.url is empty, then the worker process(es)."""
     embedded: EmbeddedRedis | None = None
     if not settings.redis.url:
-        embedded = EmbeddedRedis(settings.data_dir / "redis")
-        url = embedded.start()
+        embedded = EmbeddedRedis(settings.data_dir / "redis", unix_socket=True)
+        embedded.start()
+        url = embedded.client_url  # its Unix socket: cheaper round trips than TCP loopback
         print(
-            f"embedded Redis-compatible server on {url} (data in {embedded.data_dir})", flush=True
+            f"embedded Redis-compatible server on {embedded.url} (data in {embedded.data_dir});"
+            f" the broker uses {url}",
+            flush=True,
         )
         settings = settings.replace(redis={"url": url})
     try:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import stat
 import time
 
 import pytest
@@ -211,3 +213,43 @@ async def test_command_client_never_retries_writes(settings, real_redis):
     pool = r.connection_pool
     assert pool.max_connections == settings.redis.max_connections
     await r.aclose()
+
+
+async def test_embedded_server_on_a_unix_socket_serves_the_whole_app(
+    tmp_path, aiohttp_client, settings, auth
+):
+    """serve's embedded server: clients connect over its socket file, only this user may."""
+    server = EmbeddedRedis(tmp_path / "with space", appendonly=False, unix_socket=True)
+    server.start()
+    try:
+        url = server.client_url
+        assert url.startswith("unix://") and "with%20space" in url
+        assert stat.S_IMODE(os.stat(server.socket_path).st_mode) == 0o700
+        app = create_app(settings.replace(redis={"url": url}))
+        client = await aiohttp_client(app, server_kwargs={"handler_cancellation": True})
+        loc = await subscribe(client, auth, "u1")
+        poll = asyncio.ensure_future(client.get(loc + "?wait=5", headers=auth("u1")))
+        for _ in range(100):
+            if app[hub_key].waiting == 1:
+                break
+            await asyncio.sleep(0.02)
+        await publish(client, auth, "u1", connection_event(event_type="OVER_UNIX"))
+        r = await asyncio.wait_for(poll, 4)
+        assert r.status == 200
+        assert [e["event_type"] for e in await r.json()] == ["OVER_UNIX"]
+        # every connection of the app came over the socket (flag U), none over TCP
+        admin = Redis.from_url(url)
+        clients = await admin.client_list()
+        await admin.aclose()
+        assert {CLIENT_NAME, HUB_CLIENT_NAME} <= {c["name"] for c in clients}
+        assert all("U" in c["flags"] for c in clients)
+    finally:
+        server.stop()
+
+
+def test_embedded_server_keeps_to_tcp_when_the_socket_path_is_too_long(tmp_path):
+    deep = tmp_path / ("d" * 120)
+    server = EmbeddedRedis(deep, unix_socket=True)
+    assert not server.unix_socket
+    server.port = 6390
+    assert server.client_url == "redis://127.0.0.1:6390/0"

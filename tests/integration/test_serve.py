@@ -98,6 +98,8 @@ def _embedded_port(proc: subprocess.Popen[str]) -> int:
     for _ in range(20):
         line = proc.stdout.readline()
         if "embedded Redis-compatible server on redis://127.0.0.1:" in line:
+            # the broker itself connects over the server's Unix socket
+            assert "; the broker uses unix://" in line, line
             return int(line.split("127.0.0.1:")[1].split("/")[0])
     raise AssertionError("no embedded server line")
 

@@ -212,7 +212,7 @@ def markdown(results: dict[str, Any]) -> str:
     ]
     transport = results.get("broker_redis_transport", {})
     if transport.get("throughput") == "unix":
-        out[-3:-3] = [
+        out[-2:-2] = [
             "The broker reaches Redis over its Unix socket here (as `serve` does with its "
             'embedded server); the rows "over TCP" repeat its polls over TCP loopback, as '
             "the long polls above ran.",

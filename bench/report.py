@@ -107,11 +107,18 @@ def check_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         )
     t = results["throughput"]
     triv = t.get("trivial", {}).get("rps")
+    via = {"unix": ", Redis over its Unix socket", "tcp": ", Redis over TCP"}.get(
+        results.get("broker_redis_transport", {}).get("throughput", ""), ""
+    )
     for key, label in (
-        ("broker_oxlin_nonempty", "3. short polls, non-empty queues (Oxlin)"),
-        ("broker_oxlin_empty", "3. short polls, empty queues (Oxlin)"),
-        ("broker_ob_nonempty", "3. short polls, non-empty (OB POST /events)"),
-        ("broker_ob_empty", "3. short polls, empty (OB POST /events)"),
+        ("broker_oxlin_nonempty", f"3. short polls, non-empty queues (Oxlin{via})"),
+        ("broker_oxlin_empty", f"3. short polls, empty queues (Oxlin{via})"),
+        ("broker_ob_nonempty", f"3. short polls, non-empty (OB POST /events{via})"),
+        ("broker_ob_empty", f"3. short polls, empty (OB POST /events{via})"),
+        ("broker_tcp_oxlin_nonempty", "3. the same over TCP: non-empty (Oxlin)"),
+        ("broker_tcp_oxlin_empty", "3. the same over TCP: empty (Oxlin)"),
+        ("broker_tcp_ob_nonempty", "3. the same over TCP: non-empty (OB)"),
+        ("broker_tcp_ob_empty", "3. the same over TCP: empty (OB)"),
     ):
         if key in t and triv:
             ratio = t[key]["rps"] / triv
@@ -226,7 +233,7 @@ def markdown(results: dict[str, Any]) -> str:
         "broker_oxlin_empty": "broker GET /queues/{id}, empty (204)",
         "broker_ob_nonempty": "broker POST /events, non-empty (1 SET each)",
         "broker_ob_empty": "broker POST /events, empty",
-        "broker_tcp_oxlin_nonempty": "broker over TCP, GET /queues/{id}, non-empty",
+        "broker_tcp_oxlin_nonempty": "broker over TCP, GET /queues/{id}, non-empty (1 event each)",
         "broker_tcp_oxlin_empty": "broker over TCP, GET /queues/{id}, empty",
         "broker_tcp_ob_nonempty": "broker over TCP, POST /events, non-empty",
         "broker_tcp_ob_empty": "broker over TCP, POST /events, empty",

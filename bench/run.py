@@ -927,16 +927,20 @@ def main(argv: list[str] | None = None) -> int:
         def gets(qs: list[tuple[str, str]]) -> list[ReqSpec]:
             return [("GET", path, {"Authorization": f"Bearer {t}"}, b"") for path, t in qs]
 
-        m0 = broker.metrics()
-        tput["broker_oxlin_nonempty"] = tp.measure(broker, gets(full_q))
-        m1 = broker.metrics()
-        polls = m1.get("broker_queue_polls_total", 0) - m0.get("broker_queue_polls_total", 0)
-        evs = m1.get("broker_queue_events_delivered_total", 0) - m0.get(
-            "broker_queue_events_delivered_total", 0
-        )
-        tput["broker_oxlin_nonempty"]["events_per_poll"] = round(evs / polls, 3) if polls else 0
-        tput["broker_oxlin_empty"] = tp.measure(broker, gets(empty_q))
+        def ob_polls(tokens: list[str], max_events: int) -> list[ReqSpec]:
+            body = orjson.dumps({"maxEvents": max_events, "returnImmediately": True})
+            return [
+                (
+                    "POST",
+                    "/events",
+                    {"Authorization": f"Bearer {t}", "Content-Type": "application/json"},
+                    body,
+                )
+                for t in tokens
+            ]
 
+        tok_full: list[str] = []
+        tok_empty: list[str] = []
         if ob_available:
             clients_full = [f"tpobfull{i}" for i in range(q)]
             clients_empty = [f"tpobempty{i}" for i in range(q)]
@@ -944,21 +948,35 @@ def main(argv: list[str] | None = None) -> int:
             tok_empty = ob_clients(broker, issuer, clients_empty)
             publish_sets(broker, producer, clients_full, 1, batch=1)
 
-            def ob_polls(tokens: list[str], max_events: int) -> list[ReqSpec]:
-                body = orjson.dumps({"maxEvents": max_events, "returnImmediately": True})
-                return [
-                    (
-                        "POST",
-                        "/events",
-                        {"Authorization": f"Bearer {t}", "Content-Type": "application/json"},
-                        body,
-                    )
-                    for t in tokens
-                ]
+        def short_polls(server: Broker, prefix: str) -> None:
+            m0 = server.metrics()
+            nonempty = tp.measure(server, gets(full_q))
+            m1 = server.metrics()
+            polls = m1.get("broker_queue_polls_total", 0) - m0.get("broker_queue_polls_total", 0)
+            evs = m1.get("broker_queue_events_delivered_total", 0) - m0.get(
+                "broker_queue_events_delivered_total", 0
+            )
+            nonempty["events_per_poll"] = round(evs / polls, 3) if polls else 0
+            tput[prefix + "oxlin_nonempty"] = nonempty
+            tput[prefix + "oxlin_empty"] = tp.measure(server, gets(empty_q))
+            if ob_available:
+                tput[prefix + "ob_nonempty"] = tp.measure(server, ob_polls(tok_full, 1))
+                tput[prefix + "ob_empty"] = tp.measure(server, ob_polls(tok_empty, 100))
 
-            tput["broker_ob_nonempty"] = tp.measure(broker, ob_polls(tok_full, 1))
-            tput["broker_ob_empty"] = tp.measure(broker, ob_polls(tok_empty, 100))
+        short_polls(broker, "broker_")
+        if redis.unix_socket:
+            # Right after, the same polls with the broker on TCP loopback (as with a Redis on
+            # another host); then back on the socket for the SETs.
+            stop(broker)
+            broker = start(Broker(work, redis_url, broker_data, tput_env, src))
+            assert isinstance(broker, Broker)
+            preload_oxlin(broker, producer, full_users, per_queue)
+            short_polls(broker, "broker_tcp_")
+            stop(broker)
+            broker = start(Broker(work, redis.client_url, broker_data, tput_env, src))
+            assert isinstance(broker, Broker)
 
+        if ob_available:
             # scenario 4: SET signing and delivery
             print("bench: SET throughput", flush=True)
             sets: dict[str, Any] = {"pyjwt_ps256_per_s": round(pyjwt_ps256_rate(p.sign_s), 1)}
@@ -971,18 +989,6 @@ def main(argv: list[str] | None = None) -> int:
             results["sets"] = {"available": False}
             results["sets"]["pyjwt_ps256_per_s"] = round(pyjwt_ps256_rate(p.sign_s), 1)
         stop(broker)
-
-        if redis.unix_socket:
-            # The same short polls with the broker on TCP loopback, as with a Redis elsewhere.
-            broker = start(Broker(work, redis_url, broker_data, tput_env, src))
-            assert isinstance(broker, Broker)
-            preload_oxlin(broker, producer, full_users, per_queue)
-            tput["broker_tcp_oxlin_nonempty"] = tp.measure(broker, gets(full_q))
-            tput["broker_tcp_oxlin_empty"] = tp.measure(broker, gets(empty_q))
-            if ob_available:
-                tput["broker_tcp_ob_nonempty"] = tp.measure(broker, ob_polls(tok_full, 1))
-                tput["broker_tcp_ob_empty"] = tp.measure(broker, ob_polls(tok_empty, 100))
-            stop(broker)
 
         memlp = start(Baseline(work, "memlp", "--max-batch", "1"))
         reqs = []

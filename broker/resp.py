@@ -113,9 +113,10 @@ class RespClient:
         if parts.scheme == "redis" and parts.path.strip("/"):
             db = int(parts.path.strip("/"))
         self._setup: list[tuple[Arg, ...]] = []
-        if parts.password:
-            password = unquote(parts.password)
-            user = unquote(parts.username) if parts.username else ""
+        # In the URL's user part, or (as redis-py also reads them) in its query.
+        password = unquote(parts.password) if parts.password else query.get("password", [""])[0]
+        user = unquote(parts.username) if parts.username else query.get("username", [""])[0]
+        if password:
             self._setup.append(("AUTH", user, password) if user else ("AUTH", password))
         if db:
             self._setup.append(("SELECT", db))

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
+import socket
 import stat
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 from redis.asyncio import Redis
@@ -15,6 +19,7 @@ from broker.app import create_app
 from broker.appkeys import hub_key
 from broker.config import Settings
 from broker.embedded import EmbeddedRedis
+from broker.errors import ConfigError
 from broker.hub import Hub, RedisPyWakeSource, RespWakeSource, WakeSource
 from broker.redisconn import (
     CLIENT_NAME,
@@ -219,7 +224,9 @@ async def test_embedded_server_on_a_unix_socket_serves_the_whole_app(
     tmp_path, aiohttp_client, settings, auth
 ):
     """serve's embedded server: clients connect over its socket file, only this user may."""
-    server = EmbeddedRedis(tmp_path / "with space", appendonly=False, unix_socket=True)
+    # A short base: pytest's tmp_path can pass the ~100 bytes a socket path may have (macOS).
+    base = Path(tempfile.mkdtemp(prefix="brk-", dir="/tmp"))
+    server = EmbeddedRedis(base / "with space", appendonly=False, unix_socket=True)
     server.start()
     try:
         url = server.client_url
@@ -243,8 +250,30 @@ async def test_embedded_server_on_a_unix_socket_serves_the_whole_app(
         await admin.aclose()
         assert {CLIENT_NAME, HUB_CLIENT_NAME} <= {c["name"] for c in clients}
         assert all("U" in c["flags"] for c in clients)
+        # a second embedded server on the same data directory would take the socket over
+        with pytest.raises(ConfigError, match="Another embedded server"):
+            EmbeddedRedis(base / "with space", appendonly=False, unix_socket=True).start()
+        assert await RespClient(url).execute("PING") in (b"PONG", "PONG")
     finally:
         server.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_embedded_server_falls_back_to_tcp_when_it_cannot_make_its_socket(tmp_path):
+    base = Path(tempfile.mkdtemp(prefix="brk-", dir="/tmp"))
+    try:
+        server = EmbeddedRedis(base / "r", appendonly=False, unix_socket=True)
+        server.socket_path.mkdir(parents=True)  # a directory where the socket should go
+        url = server.start()
+        try:
+            assert not server.unix_socket and server.client_url == url
+            with socket.create_connection(("127.0.0.1", server.port)) as s:
+                s.sendall(b"PING\r\n")
+                assert s.recv(16).startswith(b"+PONG")
+        finally:
+            server.stop()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def test_embedded_server_keeps_to_tcp_when_the_socket_path_is_too_long(tmp_path):

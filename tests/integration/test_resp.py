@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 import redis.exceptions
@@ -171,3 +174,23 @@ async def test_closed_client_refuses_commands(real_redis):
     await client.aclose()
     with pytest.raises(redis.exceptions.ConnectionError):
         await client.execute("PING")
+
+
+async def test_unix_url_with_password_and_database_in_its_query(tmp_path):
+    """unix://...?db=N&password=P, as redis-py reads it: the same server, the same database."""
+    base = Path(tempfile.mkdtemp(prefix="brk-", dir="/tmp"))
+    server = EmbeddedRedis(
+        base / "pw", appendonly=False, unix_socket=True, extra_args=("--requirepass", "s3cret")
+    )
+    server.start()
+    url = f"unix://{server.socket_path}?db=2&password=s3cret"
+    client = RespClient(url)
+    try:
+        await client.execute("SET", "where", "db2")
+        admin = Redis.from_url(url)
+        assert await admin.get("where") == b"db2"
+        await admin.aclose()
+    finally:
+        await client.aclose()
+        server.stop()
+        shutil.rmtree(base, ignore_errors=True)

@@ -130,6 +130,7 @@ class RespClient:
         self._pending: collections.deque[tuple[asyncio.Future[Any], float]] = collections.deque()
         self._out: list[bytes] = []  # commands to write together (pipeline, set-up)
         self._watchdog: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
 
     @property
@@ -170,7 +171,9 @@ class RespClient:
         return results
 
     def _send(self, args: tuple[Arg, ...], *, write: bool = True) -> asyncio.Future[Any]:
-        loop = asyncio.get_running_loop()
+        # The loop of the connection, kept: on Python 3.11 get_running_loop() makes a getpid
+        # system call each time (its check for a fork), and this runs for every command.
+        loop = self._loop or asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         if self._proto is None:  # died between connecting and sending
             future.set_exception(redis.exceptions.ConnectionError("connection lost"))
@@ -208,7 +211,7 @@ class RespClient:
         return await asyncio.shield(self._connecting)
 
     async def _open(self) -> _Protocol:
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self.connect_timeout_s):
                 if self._path:

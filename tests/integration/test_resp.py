@@ -194,3 +194,25 @@ async def test_unix_url_with_password_and_database_in_its_query(tmp_path):
         await client.aclose()
         server.stop()
         shutil.rmtree(base, ignore_errors=True)
+
+
+async def test_commands_on_a_connection_do_not_look_up_the_loop(real_redis, monkeypatch):
+    """On 3.11 each get_running_loop() is a getpid system call: none per command once connected."""
+    client = RespClient(real_redis.url)
+    try:
+        await client.execute("PING")  # connects
+        calls = 0
+        real = asyncio.get_running_loop
+
+        def counting() -> asyncio.AbstractEventLoop:
+            nonlocal calls
+            calls += 1
+            return real()
+
+        monkeypatch.setattr("broker.resp.asyncio.get_running_loop", counting)
+        for i in range(10):
+            assert await client.execute("INCR", "looked-up") == i + 1
+        assert await client.pipeline(("INCR", "looked-up"), ("GET", "looked-up")) == [11, b"11"]
+        assert calls == 0
+    finally:
+        await client.aclose()

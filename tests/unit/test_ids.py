@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import threading
 import uuid
 
 from broker import ids
@@ -18,3 +20,34 @@ def test_uuid4_is_a_random_rfc_uuid_in_canonical_text():
     assert len(seen) == 2000
     # every variant nibble (8, 9, a, b) appears: the random bits are not stuck
     assert {t[19] for t in seen} == set("89ab")
+
+
+def test_a_forked_child_never_hands_out_its_parents_ids():
+    """The pool of random bytes is dropped in a child: parent and child ids differ."""
+    ids.uuid4()  # the pool now holds the rest of a chunk
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next id, then out without running pytest's teardown
+        os.write(write, ",".join(ids.uuid4() for _ in range(3)).encode())
+        os._exit(0)
+    os.close(write)
+    child = os.read(read, 4096).decode().split(",")
+    os.close(read)
+    os.waitpid(pid, 0)
+    parent = [ids.uuid4() for _ in range(3)]
+    assert len(child) == 3 and not set(child) & set(parent)
+
+
+def test_ids_from_many_threads_are_all_distinct():
+    """Refills racing in several threads never hand one piece of randomness out twice."""
+    out: list[str] = []
+
+    def make() -> None:
+        out.extend(ids.uuid4() for _ in range(3000))
+
+    threads = [threading.Thread(target=make) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(out) == 12000 and len(set(out)) == 12000

@@ -42,12 +42,18 @@ async def read_json(request: web.Request, *, lenient_type: bool = False) -> Any:
         # "" (an empty Content-Type header) passes, as aiohttp's parsed value did before
         if media not in ("application/json", "") and not media.endswith("+json"):
             raise UnsupportedMediaType(f"Content-Type must be application/json, got {media!r}")
-    try:
-        raw = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise PayloadTooLarge(
-            f"body is over the {request.app._client_max_size}-byte limit"
-        ) from None
+    limit = request.app._client_max_size
+    # The usual case: the whole body came in with the request. Take it as it is, with no
+    # await: request.read() loops over readany() and copies into a bytearray first. Not
+    # request.content: that caches itself on the request (~88 bytes per parked OB poll).
+    body: Any = getattr(request, "_payload", None)
+    if body is not None and body.is_eof() and not (limit and body.total_bytes > limit):
+        raw = body.read_nowait()
+    else:
+        try:
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise PayloadTooLarge(f"body is over the {limit}-byte limit") from None
     if not raw.strip():
         raise InvalidRequest("body is empty; a JSON document is required")
     try:

@@ -12,6 +12,7 @@ import time
 import uuid
 
 import aiohttp
+import orjson
 import pytest
 
 from broker import http
@@ -407,6 +408,28 @@ async def test_a_parked_poll_holds_no_body_buffer_and_its_connection_serves_the_
         assert r.status == 200 and (await r.json())["sets"] == {}
         assert busy._manager.requests_count == served + 1 and busy in server.connections
     assert client.app[metrics_key].sets_acked_total == 1
+
+
+async def test_a_body_that_comes_after_its_headers_is_read_whole(client, auth):
+    """read_json's quick path takes a body already in; one still arriving is awaited."""
+    a, jtis = await setup_abc(client, auth)
+    body = orjson.dumps({"ack": jtis[:2], "returnImmediately": True})
+    head = (
+        "POST /events HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+        f"Authorization: {a.headers['Authorization']}\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
+    try:
+        writer.write(head.encode() + body[:5])
+        await writer.drain()
+        await asyncio.sleep(0.2)  # the handler runs and waits for the rest
+        writer.write(body[5:])
+        status = await asyncio.wait_for(reader.readline(), 3)
+    finally:
+        writer.close()
+    assert status.startswith(b"HTTP/1.1 200")
+    sets, _ = await a.poll_ok({"returnImmediately": True})
+    assert list(sets) == [jtis[2]]  # both acks in the split body were applied
 
 
 async def test_shutdown_answers_a_parked_poll(make_client, auth):

@@ -25,13 +25,19 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _PREFER_WAIT = re.compile(r"(?:^|[,;\s])wait\s*=\s*\"?([^\s,;\"]*)", re.IGNORECASE)
 
 
-def authenticate(request: web.Request) -> Principal:
-    """The verified principal of the request, or AuthError (401)."""
-    verifier = request.app[verifier_key]
+def authenticate(request: web.Request, app: web.Application | None = None) -> Principal:
+    """The verified principal of the request, or AuthError (401).
+
+    `app`: the request's application, when the caller has it already (request.app is two
+    property look-ups, and a poll makes several).
+    """
+    verifier = (app or request.app)[verifier_key]
     return verifier.verify(bearer_token(request))
 
 
-async def read_json(request: web.Request, *, lenient_type: bool = False) -> Any:
+async def read_json(
+    request: web.Request, *, lenient_type: bool = False, app: web.Application | None = None
+) -> Any:
     """Parse the body as JSON.
 
     `lenient_type`: parse whatever the Content-Type says (Oxlin's own curl example sends none,
@@ -42,7 +48,7 @@ async def read_json(request: web.Request, *, lenient_type: bool = False) -> Any:
         # "" (an empty Content-Type header) passes, as aiohttp's parsed value did before
         if media not in ("application/json", "") and not media.endswith("+json"):
             raise UnsupportedMediaType(f"Content-Type must be application/json, got {media!r}")
-    limit = request.app._client_max_size
+    limit = (app or request.app)._client_max_size
     # The usual case: the whole body came in with the request. Take it as it is, with no
     # await: request.read() loops over readany() and copies into a bytearray first. Not
     # request.content: that caches itself on the request (~88 bytes per parked OB poll).

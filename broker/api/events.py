@@ -30,6 +30,7 @@ from broker.appkeys import (
 from broker.auth import PUBLISH_SCOPE
 from broker.errors import InvalidRequest, PayloadTooLarge
 from broker.http import authenticate, client_gone, finish, held, parked, read_json
+from broker.metrics import Metrics
 from broker.routing import guards_itself
 from broker.sets import NO_SUBSCRIPTION, QUEUED, PollOutcome, SetStore, SignedSet
 from broker.signing import compact_jws
@@ -132,11 +133,14 @@ async def poll_events(request: web.Request) -> web.Response:
     # Answers its own errors: a parked poll holds no wrapper frame (routing.guards_itself).
     response: web.Response
     try:
-        principal = authenticate(request)
-        principal.require_scope(*ob.POLL_SCOPES)
         app = request.app
+        principal = authenticate(request, app)
+        principal.require_scope(*ob.POLL_SCOPES)
         settings, store, hub = app[settings_key], app[sets_key], app[hub_key]
-        poll = ob.parse_poll_request(await read_json(request), max_acks=settings.events.max_acks)
+        metrics = app[metrics_key]
+        poll = ob.parse_poll_request(
+            await read_json(request, app=app), max_acks=settings.events.max_acks
+        )
         client = principal.client_id
         cap = settings.events.max_events
         limit = cap if poll.max_events is None else min(poll.max_events, cap)
@@ -153,7 +157,7 @@ async def poll_events(request: web.Request) -> web.Response:
         # never sent stays unacked, so it is delivered again.
         if wait <= 0:
             outcome = await store.poll(client, limit=limit, ack=ack, set_errs=set_errs)
-            _count(request, client, outcome)
+            _count(metrics, request, client, outcome)
         else:
             loop = asyncio.get_running_loop()
             deadline = loop.time() + held(wait, settings.poll.hold_jitter)
@@ -163,7 +167,7 @@ async def poll_events(request: web.Request) -> web.Response:
                 while True:
                     waiter.arm()
                     outcome = await store.poll(client, limit=limit, ack=ack, set_errs=set_errs)
-                    _count(request, client, outcome)
+                    _count(metrics, request, client, outcome)
                     ack, set_errs = (), None
                     remaining = deadline - loop.time()
                     if outcome.sets or remaining <= 0 or hub.closing or client_gone(request):
@@ -179,7 +183,6 @@ async def poll_events(request: web.Request) -> web.Response:
                     if not woken and not lease_end and loop.time() >= deadline:
                         break  # timed out with no hint: no last read (see queues.poll)
 
-        metrics = app[metrics_key]
         metrics.event_polls_total += 1
         metrics.sets_delivered_total += len(outcome.sets)
         response = jsonutil.json_response(
@@ -193,8 +196,7 @@ async def poll_events(request: web.Request) -> web.Response:
     return response
 
 
-def _count(request: web.Request, client: str, outcome: PollOutcome) -> None:
-    metrics = request.app[metrics_key]
+def _count(metrics: Metrics, request: web.Request, client: str, outcome: PollOutcome) -> None:
     metrics.sets_acked_total += outcome.acked
     metrics.sets_nacked_total += outcome.nacked
     if outcome.expired:

@@ -48,8 +48,8 @@ async def subscribe(request: web.Request) -> web.Response:
 async def poll(request: web.Request) -> web.Response:
     # Answers its own errors: a parked poll holds no wrapper frame (routing.guards_itself).
     try:
-        principal = authenticate(request)
         app = request.app
+        principal = authenticate(request, app)
         settings, store, hub = app[settings_key], app[store_key], app[hub_key]
         queue_id = request.match_info["queue_id"]
         user = principal.sub

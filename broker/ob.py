@@ -113,6 +113,8 @@ def parse_poll_request(body: Any, *, max_acks: int) -> PollRequest:
     immediate = body.get("returnImmediately")
     if "returnImmediately" in body and not isinstance(immediate, bool):
         raise bad("returnImmediately must be a boolean", "returnImmediately")
+    if "ack" not in body and "setErrs" not in body:
+        return PollRequest(max_events, immediate, (), {})  # a plain poll: most of them
     ack: list[str] = []
     if "ack" in body:
         raw = body["ack"]

@@ -17,6 +17,17 @@ def test_poll_request_defaults():
     assert p.max_events is None and p.return_immediately is None
 
 
+def test_a_plain_poll_body_is_read_like_any_other():
+    """No ack and no setErrs (most polls) take a shorter path to the same result."""
+    plain = ob.parse_poll_request({"maxEvents": 7, "returnImmediately": True}, max_acks=10)
+    full = ob.parse_poll_request(
+        {"maxEvents": 7, "returnImmediately": True, "ack": [], "setErrs": {}}, max_acks=10
+    )
+    assert plain == full == ob.PollRequest(7, True, (), {})
+    with pytest.raises(InvalidRequest):  # still checked before the short path
+        ob.parse_poll_request({"maxEvents": "7"}, max_acks=10)
+
+
 def test_poll_request_dedupes_acks_and_ack_wins_over_set_errs():
     body = {
         "ack": ["a", "b", "a"],

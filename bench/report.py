@@ -124,7 +124,7 @@ def check_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             ratio = t[key]["rps"] / triv
             row(
                 label,
-                f"{t[key]['rps']:,.0f} req/s = {ratio:.0%} of trivial",
+                f"{t[key]['rps']:,.0f} req/s = {ratio:.1%} of trivial",
                 ">= 50%",
                 ratio >= 0.5,
             )

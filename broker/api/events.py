@@ -32,7 +32,7 @@ from broker.errors import InvalidRequest, PayloadTooLarge
 from broker.http import authenticate, client_gone, finish, held, parked, read_json
 from broker.metrics import Metrics
 from broker.routing import guards_itself
-from broker.sets import NO_SUBSCRIPTION, QUEUED, PollOutcome, SetStore, SignedSet
+from broker.sets import NO_SUBSCRIPTION, NOTHING, QUEUED, PollOutcome, SetStore, SignedSet
 from broker.signing import compact_jws
 from broker.subscriptions import SubscriptionStore
 
@@ -185,15 +185,27 @@ async def poll_events(request: web.Request) -> web.Response:
 
         metrics.event_polls_total += 1
         metrics.sets_delivered_total += len(outcome.sets)
-        response = jsonutil.json_response(
-            {"sets": outcome.sets, "moreAvailable": outcome.more},
-            headers={"Cache-Control": "no-store"},
+        body = (
+            _NOTHING_BODY
+            if outcome is NOTHING
+            else jsonutil.dumps({"sets": outcome.sets, "moreAvailable": outcome.more})
         )
     except Exception as e:  # CancelledError is a BaseException: it goes through
         response = ob.answer_error(request, e)
-    # Taken (or made) now, not on arrival: a parked poll need not hold a UUID string.
-    response.headers[ob.INTERACTION_ID] = ob.interaction_id(request)
-    return response
+        response.headers[ob.INTERACTION_ID] = ob.interaction_id(request)
+        return response
+    # All headers in one go. The interaction id is taken (or made) now, not on arrival: a
+    # parked poll need not hold a UUID string.
+    headers = {
+        "Content-Type": "application/json",
+        "Cache-Control": "no-store",
+        ob.INTERACTION_ID: ob.interaction_id(request),
+    }
+    return web.Response(body=body, headers=headers)
+
+
+# The answer to every poll that found nothing (most of them), encoded once.
+_NOTHING_BODY = jsonutil.dumps({"sets": {}, "moreAvailable": False})
 
 
 def _count(metrics: Metrics, request: web.Request, client: str, outcome: PollOutcome) -> None:

@@ -410,6 +410,22 @@ async def test_a_parked_poll_holds_no_body_buffer_and_its_connection_serves_the_
     assert client.app[metrics_key].sets_acked_total == 1
 
 
+async def test_answers_found_empty_or_not_carry_the_same_headers(client, auth):
+    """The empty answer is encoded once, ahead of time; it must read like any other."""
+    a, jtis = await setup_abc(client, auth)
+    full = await a.poll({"maxEvents": 1, "returnImmediately": True})
+    await a.poll({"ack": jtis, "maxEvents": 0})
+    empty = await a.poll({"returnImmediately": True}, headers={"x-fapi-interaction-id": "I-1"})
+    for r in (full, empty):
+        assert r.status == 200
+        assert r.headers["Content-Type"] == "application/json"
+        assert r.headers["Cache-Control"] == "no-store"
+        assert r.headers["x-fapi-interaction-id"]
+    assert list(full.json()["sets"]) == [jtis[0]] and full.json()["moreAvailable"] is True
+    assert empty.json() == {"sets": {}, "moreAvailable": False}
+    assert empty.headers["x-fapi-interaction-id"] == "I-1"
+
+
 async def test_a_body_that_comes_after_its_headers_is_read_whole(client, auth):
     """read_json's quick path takes a body already in; one still arriving is awaited."""
     a, jtis = await setup_abc(client, auth)

@@ -31,7 +31,7 @@ def authenticate(request: web.Request, app: web.Application | None = None) -> Pr
     `app`: the request's application, when the caller has it already (request.app is two
     property look-ups, and a poll makes several).
     """
-    verifier = (app or request.app)[verifier_key]
+    verifier = (request.app if app is None else app)[verifier_key]
     return verifier.verify(bearer_token(request))
 
 
@@ -48,7 +48,7 @@ async def read_json(
         # "" (an empty Content-Type header) passes, as aiohttp's parsed value did before
         if media not in ("application/json", "") and not media.endswith("+json"):
             raise UnsupportedMediaType(f"Content-Type must be application/json, got {media!r}")
-    limit = (app or request.app)._client_max_size
+    limit = (request.app if app is None else app)._client_max_size
     # The usual case: the whole body came in with the request. Take it as it is, with no
     # await: request.read() loops over readany() and copies into a bytearray first. Not
     # request.content: that caches itself on the request (~88 bytes per parked OB poll).

@@ -31,10 +31,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.loadgen import Issuer
+from bench.loadgen import Issuer, set_payload
 from bench.servers import REPO, Baseline, Broker
 
-SCENARIOS = ("oxlin_empty", "oxlin_nonempty", "ob_empty")
+SCENARIOS = ("oxlin_empty", "oxlin_nonempty", "ob_empty", "ob_nonempty")
 
 
 class Callgrind:
@@ -64,14 +64,14 @@ class Callgrind:
     def dumps(self) -> set[Path]:
         return set(self.out.parent.glob(self.out.name + ".*"))
 
-    def last_dump_total(self, before: set[Path]) -> int:
-        """The instruction total of the dump that appeared since `before` was listed."""
+    def last_dump(self, before: set[Path]) -> tuple[int, Path]:
+        """The instruction total and file of the dump that appeared since `before` was listed."""
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             for path in self.dumps() - before:
                 for line in reversed(path.read_text(errors="replace").splitlines()):
                     if line.startswith("totals:") and int(line.split()[1]) > 0:
-                        return int(line.split()[1])
+                        return int(line.split()[1]), path
             time.sleep(0.2)  # the server process writes the dump, asynchronously
         raise RuntimeError("callgrind wrote no dump")
 
@@ -144,15 +144,30 @@ def setup(name: str, client: Client, issuer: Issuer, total: int) -> Request:
             if r.status != 202:
                 raise RuntimeError(f"publish answered {r.status}")
         return "GET", path, token, None, 200
-    token = issuer.tpp(f"instr-{name}")
+    client_id = f"instr-{name}"
+    token = issuer.tpp(client_id)
     r = client.call("POST", "/event-subscriptions", token, {"Data": {"Version": "3.1"}})
     if r.status not in (200, 201):
         raise RuntimeError(f"event subscription answered {r.status}")
-    return "POST", "/events", token, {"maxEvents": 100, "returnImmediately": True}, 200
+    if name == "ob_empty":
+        return "POST", "/events", token, {"maxEvents": 100, "returnImmediately": True}, 200
+    # One SET, never acked: with no redelivery lease (the default) every poll returns it, as
+    # in the kit's "POST /events, non-empty (1 SET each)".
+    r = client.call(
+        "POST", f"/publish/clients/{client_id}/sets", issuer.producer(), set_payload("instr")
+    )
+    if r.status != 202:
+        raise RuntimeError(f"SET publish answered {r.status}")
+    return "POST", "/events", token, {"maxEvents": 1, "returnImmediately": True}, 200
 
 
-def count(server: Callgrind, client: Client, req: Request, warm: int, n: int) -> int:
-    """Instructions per request over `n` requests, after `warm` uncounted ones."""
+def count(
+    server: Callgrind, client: Client, req: Request, warm: int, n: int, keep: Path | None = None
+) -> int:
+    """Instructions per request over `n` requests, after `warm` uncounted ones.
+
+    `keep`: where to copy the dump, for `callgrind_annotate` (which functions the count is).
+    """
     method, path, token, body, status = req
     for i in range(warm + n):
         if i == warm:
@@ -164,12 +179,27 @@ def count(server: Callgrind, client: Client, req: Request, warm: int, n: int) ->
             raise RuntimeError(f"{method} {path} answered {r.status}, not {status}")
     server.control("-i", "off")
     server.control("--dump")
-    return server.last_dump_total(before) // n
+    total, dump = server.last_dump(before)
+    if keep is not None:
+        keep.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(dump, keep)
+    return total // n
 
 
 def measure(
-    src: Path | None, alloc: str, scenarios: list[str], warm: int, n: int
+    src: Path | None,
+    alloc: str,
+    scenarios: list[str],
+    warm: int,
+    n: int,
+    keep: Path | None = None,
 ) -> dict[str, int]:
+    """Instructions per request of each scenario (and the trivial handler); `keep`: a folder
+    to copy each scenario's callgrind dump into, as <scenario>.<allocator>.callgrind."""
+
+    def kept(name: str) -> Path | None:
+        return keep / f"{name}.{alloc}.callgrind" if keep is not None else None
+
     from broker.embedded import EmbeddedRedis
 
     out: dict[str, int] = {}
@@ -179,7 +209,9 @@ def measure(
         trivial = CallgrindTrivial(work, alloc)
         stack.callback(trivial.stop)
         trivial.start(timeout_s=300)
-        out["trivial"] = count(trivial, Client(trivial.port), ("GET", "/", "", None, 204), warm, n)
+        out["trivial"] = count(
+            trivial, Client(trivial.port), ("GET", "/", "", None, 204), warm, n, kept("trivial")
+        )
         trivial.stop()
         redis = EmbeddedRedis(work / "redis")
         stack.callback(redis.stop)
@@ -191,7 +223,8 @@ def measure(
         issuer = Issuer(str(work / "broker"))
         for name in scenarios:
             client = Client(broker.port)
-            out[name] = count(broker, client, setup(name, client, issuer, warm + n), warm, n)
+            req = setup(name, client, issuer, warm + n)
+            out[name] = count(broker, client, req, warm, n, kept(name))
     return out
 
 
@@ -214,6 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scenarios", default=",".join(SCENARIOS))
     parser.add_argument("--warm", type=int, default=300)
     parser.add_argument("--requests", type=int, default=1500)
+    parser.add_argument(
+        "--keep", type=Path, help="copy each callgrind dump here (for callgrind_annotate)"
+    )
     args = parser.parse_args(argv)
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         print(
@@ -231,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
         src = snapshot(ref) if ref else None  # an empty entry is the work tree
         try:
             for alloc in args.alloc.split(","):
-                counts = measure(src, alloc, scenarios, args.warm, args.requests)
+                keep = args.keep / (ref or "worktree") if args.keep else None
+                counts = measure(src, alloc, scenarios, args.warm, args.requests, keep)
                 rows.append((ref or "work tree", alloc, counts))
                 print(
                     f"{ref or 'work tree'} {alloc}: "

@@ -22,8 +22,11 @@ single Redis Cluster slot):
     brk:{c:<client>}:sub         HASH   the client's event subscription: id, version,
                                         callback, types (",Code,Code," or "*" for all)
 
-The queue scripts build the per-queue key names from the tag they are given in KEYS; those
-names carry the same hash tag, so they always live in the slot of the declared keys.
+The queue scripts build the per-queue key names from the tag they are given in KEYS, and
+sets_poll.lua the names of a client's SET keys from its `sets` key (one argument to encode
+per poll instead of five); those names carry the same hash tag, so they always live in the
+slot of the declared keys. The suffixes are spelled here and in those scripts: the tests
+read the keys by the functions below after the scripts wrote them.
 """
 
 from __future__ import annotations
@@ -102,15 +105,6 @@ def sets_seq(tag: str) -> str:
 
 def sets_nacked(tag: str) -> str:
     return base(tag) + ":sets:nacked"
-
-
-def sets_poll_keys(tag: str) -> list[str]:
-    """The keys of sets_poll.lua, in its order: all, ready, leased, jws, nacked.
-
-    Built from one prefix: this runs on every OB poll.
-    """
-    b = base(tag) + ":sets"
-    return [b, b + ":ready", b + ":lease", b + ":jws", b + ":nacked"]
 
 
 def subscription(tag: str) -> str:

@@ -13,6 +13,7 @@ Two scripts do all the work, each one atomic step:
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -46,17 +47,44 @@ class PublishOutcome:
 
 @dataclass(slots=True)  # not frozen: a frozen __init__ costs 4x, and one is made per request
 class PollOutcome:
-    sets: dict[str, str]  # jti -> compact JWS, oldest first
+    flat: list[bytes]  # jti, compact JWS, jti, JWS, ... oldest first, as Redis returned them
     more: bool  # deliverable SETs remain beyond these
     acked: int
     nacked: int
     expired: int
     next_lease_s: float | None  # seconds until a leased SET is deliverable again
 
+    @property
+    def count(self) -> int:
+        return len(self.flat) // 2
+
+    @property
+    def sets(self) -> dict[str, str]:
+        """jti -> compact JWS, oldest first."""
+        flat = self.flat
+        return {flat[i].decode(): flat[i + 1].decode() for i in range(0, len(flat), 2)}
+
+    def body(self) -> bytes:
+        """The RFC 8936 answer, {"sets": {jti: JWS, ...}, "moreAvailable": ...}, as JSON.
+
+        Joined from the stored bytes, not decoded and encoded again (a JWS is ~1 KB): both
+        are the broker's own ASCII, a random UUID and a compact JWS (base64url and dots),
+        which JSON needs no escape for; SetStore.publish refuses to store anything else.
+        """
+        flat = self.flat
+        members = b",".join(
+            [b'"' + flat[i] + b'":"' + flat[i + 1] + b'"' for i in range(0, len(flat), 2)]
+        )
+        return b'{"sets":{' + members + (b'},"moreAvailable":true}' if self.more else _NO_MORE)
+
+
+_NO_MORE = b'},"moreAvailable":false}'
+# What a jti (a UUID) and a compact JWS (base64url segments and dots) are made of.
+_JSON_SAFE = re.compile(r"[A-Za-z0-9_.\-]+")
 
 # The outcome of every poll that acked, nacked, expired and found nothing: never changed by its
-# users (its empty `sets` is only read).
-NOTHING = PollOutcome(sets={}, more=False, acked=0, nacked=0, expired=0, next_lease_s=None)
+# users (its empty `flat` is only read).
+NOTHING = PollOutcome(flat=[], more=False, acked=0, nacked=0, expired=0, next_lease_s=None)
 
 
 class SetStore:
@@ -83,6 +111,10 @@ class SetStore:
         tag = keyspace.client_tag(client_id)
         args: list[Any] = [self.retention_ms, len(sets)]
         for s in sets:
+            if not (_JSON_SAFE.fullmatch(s.jti) and _JSON_SAFE.fullmatch(s.jws)):
+                # A bug, not bad input (both are made by the broker): polls put them into
+                # JSON unescaped (PollOutcome.body).
+                raise ValueError(f"SET {s.jti!r}: a jti and a JWS are base64url, '-' and '.'")
             args += (s.jti, s.jws, "," + ",".join(s.event_codes) + ",")
         keys = [
             keyspace.sets_all(tag),
@@ -107,20 +139,13 @@ class SetStore:
         tag = keyspace.client_tag(client_id)
         errs = set_errs or {}
         now_ms = int(time.time() * 1000)
-        args: list[Any] = [
-            limit,
-            self.lease_ms,
-            self.retention_ms,
-            self.retention_ms,  # nack records are kept as long as unacked SETs would be
-            len(ack),
-            *ack,
-            len(errs),
-        ]
+        args: list[Any] = [limit, self.lease_ms, self.retention_ms, len(ack), *ack, len(errs)]
         for jti, (err, description) in errs.items():
             # Escaped here, where a JSON encoder is at hand; the script only prepends the JWS.
             record = {"err": err, "description": description, "at": now_ms}
             args += (jti, jsonutil.dumps(record))
-        keys = keyspace.sets_poll_keys(tag)
+        # One key: the script names the client's other keys after it (keyspace.py).
+        keys = [keyspace.sets_all(tag)]
         # Safe to repeat: acks and nacks are idempotent, and a SET selected by a poll whose
         # answer was lost is unacked, so it is delivered again (at once, or after its lease).
         # (idempotent() by hand: no closure and no extra coroutine on every poll.)
@@ -132,9 +157,8 @@ class SetStore:
         if not flat and not (acked or nacked or expired or more) and int(next_ms) < 0:
             # Shared: a parked poll holds its last (empty) outcome for as long as it waits.
             return NOTHING
-        sets = {flat[i].decode(): flat[i + 1].decode() for i in range(0, len(flat), 2)}
         return PollOutcome(
-            sets=sets,
+            flat=flat,
             more=bool(more),
             acked=int(acked),
             nacked=int(nacked),

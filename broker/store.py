@@ -142,11 +142,8 @@ class QueueStore:
         """
         tag = keyspace.user_tag(user_id)
         token = token or new_poll_token()
-        keys = [
-            keyspace.queue_registry(tag),
-            keyspace.queue_meta(tag, queue_id),
-            keyspace.queue_stream(tag, queue_id),
-        ]
+        # One key: the script names the queue's meta and stream after it (keyspace.py).
+        keys = [keyspace.queue_registry(tag)]
         args: list[Arg] = [self.ttl_ms, queue_id, self.max_batch, token]
         # idempotent() by hand: no closure and no extra coroutine on every poll.
         try:

@@ -170,7 +170,7 @@ async def poll_events(request: web.Request) -> web.Response:
                     _count(metrics, request, client, outcome)
                     ack, set_errs = (), None
                     remaining = deadline - loop.time()
-                    if outcome.sets or remaining <= 0 or hub.closing or client_gone(request):
+                    if outcome.flat or remaining <= 0 or hub.closing or client_gone(request):
                         break
                     # A lease ending makes a SET deliverable without any publish: wake for it,
                     # and read after that wake even if it falls past the deadline.
@@ -184,12 +184,8 @@ async def poll_events(request: web.Request) -> web.Response:
                         break  # timed out with no hint: no last read (see queues.poll)
 
         metrics.event_polls_total += 1
-        metrics.sets_delivered_total += len(outcome.sets)
-        body = (
-            _NOTHING_BODY
-            if outcome is NOTHING
-            else jsonutil.dumps({"sets": outcome.sets, "moreAvailable": outcome.more})
-        )
+        metrics.sets_delivered_total += outcome.count
+        body = _NOTHING_BODY if outcome is NOTHING else outcome.body()
     except Exception as e:  # CancelledError is a BaseException: it goes through
         response = ob.answer_error(request, e)
         response.headers[ob.INTERACTION_ID] = ob.interaction_id(request)

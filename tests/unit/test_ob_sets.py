@@ -180,3 +180,63 @@ async def test_large_selection_is_chunked(redis):
     out = await store.poll("c", limit=1200)
     assert list(out.sets) == names
     assert (await store.poll("c", limit=1200)).sets == {}
+
+
+@pytest.mark.parametrize(
+    ("flat", "more"),
+    [
+        ([], False),
+        ([b"j1", b"h.p.s"], False),
+        ([b"j1", b"h.p.s", b"6f1c-2a", b"eyJh.eyJz.c2ln_-"], True),
+    ],
+)
+def test_a_poll_answer_is_the_json_of_its_sets(flat, more):
+    from broker import jsonutil
+    from broker.sets import PollOutcome
+
+    out = PollOutcome(flat=flat, more=more, acked=0, nacked=0, expired=0, next_lease_s=None)
+    expected = {flat[i].decode(): flat[i + 1].decode() for i in range(0, len(flat), 2)}
+    assert out.count == len(expected)
+    assert out.sets == expected
+    assert jsonutil.loads(out.body()) == {"sets": expected, "moreAvailable": more}
+    assert out.body() == jsonutil.dumps({"sets": expected, "moreAvailable": more})
+
+
+@pytest.mark.parametrize(
+    ("jti", "jws"),
+    [('a"b', "h.p.s"), ("a", 'h.p"x.s'), ("a", "h.p.s\\"), ("a b", "h.p.s"), ("", "h")],
+)
+async def test_publish_refuses_what_a_poll_could_not_put_in_json_unescaped(redis, jti, jws):
+    await subscribe(redis, "c")
+    store = SetStore(redis, retention_s=3600, redelivery_s=0)
+    with pytest.raises(ValueError, match="base64url"):
+        await store.publish("c", [SignedSet(jti, jws, RU)])
+    assert await store.pending("c") == 0
+
+
+async def test_the_poll_script_names_the_clients_keys_as_keyspace_does(redis):
+    """sets_poll.lua is given one key and names the others: the same names as keyspace.py."""
+    await subscribe(redis, "tpp/{1}")
+    store = SetStore(redis, retention_s=3600, redelivery_s=30)
+    await store.publish("tpp/{1}", signed("a", "b", "c"))
+    out = await store.poll("tpp/{1}", limit=1, set_errs={"b": ("invalid_key", "no")})
+    assert (list(out.sets), out.nacked) == (["a"], 1)  # "a" leased, "b" nacked, "c" ready
+    tag = keyspace.client_tag("tpp/{1}")
+    assert await redis.zrange(keyspace.sets_all(tag), 0, -1) == [b"a", b"c"]
+    assert await redis.zrange(keyspace.sets_ready(tag), 0, -1) == [b"c"]
+    assert await redis.zrange(keyspace.sets_leased(tag), 0, -1) == [b"a"]
+    assert sorted(await redis.hkeys(keyspace.sets_jws(tag))) == [b"a", b"c"]
+    assert await redis.hkeys(keyspace.sets_nacked(tag)) == [b"b"]
+    names = {
+        k.decode()
+        async for k in redis.scan_iter(match=keyspace.base(tag).replace("{", "[{]") + "*")
+    }
+    assert names == {
+        keyspace.sets_all(tag),
+        keyspace.sets_ready(tag),
+        keyspace.sets_leased(tag),
+        keyspace.sets_jws(tag),
+        keyspace.sets_seq(tag),
+        keyspace.sets_nacked(tag),
+        keyspace.subscription(tag),
+    }

@@ -38,12 +38,7 @@ async def test_empty_reads_share_one_result(store):
 async def test_a_repeated_poll_token_is_served_the_same_events(store):
     qid = await store.subscribe("u1", ["connections"])
     await store.publish("u1", _events(3))
-    tag = keyspace.user_tag("u1")
-    keys = [
-        keyspace.queue_registry(tag),
-        keyspace.queue_meta(tag, qid),
-        keyspace.queue_stream(tag, qid),
-    ]
+    keys = [keyspace.queue_registry(keyspace.user_tag("u1"))]  # the script names the rest
     first = await store.runner.run(store._poll, keys, [60000, qid, 2, "tok1"])
     again = await store.runner.run(store._poll, keys, [60000, qid, 2, "tok1"])
     assert [e[0] for e in first[1]] == [e[0] for e in again[1]] and len(first[1]) == 2
@@ -84,6 +79,7 @@ async def test_expired_queues_leave_the_registry_on_publish(store, redis_pair):
 
 
 async def test_poll_refreshes_the_expiry_of_every_queue_key(store):
+    # Also the check that queue_poll.lua names the meta hash and stream as keyspace.py does.
     qid = await store.subscribe("u1", ["connections"])
     await store.publish("u1", _events(1))
     tag = keyspace.user_tag("u1")

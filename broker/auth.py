@@ -64,8 +64,10 @@ class TokenVerifier:
             raise ConfigError("Config 'auth.jwks_file' holds no usable signing key.")
         self._keys = keys
         self._settings = settings
-        # Keyed by a 16-byte digest of the token, not the token: a parked poll's token is
+        # Keyed by the SHA-256 digest of the token, not the token: a parked poll's token is
         # already held by its request, and tens of thousands of second copies add up.
+        # SHA-256 rather than BLAKE2: OpenSSL's uses the CPU's SHA instructions, and this runs
+        # on every request (~5k instructions less per request than CPython's BLAKE2b).
         self._cache: dict[bytes, Principal] = {}
         # Expired entries (clients gone, tokens rotated) are dropped when the cache has grown
         # to this size, which then doubles from what is left: memory stays within twice the
@@ -82,7 +84,7 @@ class TokenVerifier:
     def verify(self, token: str) -> Principal:
         """Return the token's principal, or raise AuthError saying what is wrong."""
         now = time.time()
-        key = hashlib.blake2b(token.encode(), digest_size=16).digest()
+        key = hashlib.sha256(token.encode()).digest()
         cached = self._cache.get(key)
         if cached is not None and cached.expires_at > now:
             return cached

@@ -51,6 +51,19 @@ def cpu_seconds(pid: int, *, tree: bool = True) -> float:
     return total / _TICK
 
 
+def wakeups(pid: int) -> int:
+    """Times the process's main thread went to sleep and was woken (voluntary switches).
+
+    An event loop sleeps in epoll_wait between timers and I/O, so while it is idle this counts
+    its timer wake-ups.
+    """
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("voluntary_ctxt_switches:"):
+                return int(line.split()[1])
+    return 0
+
+
 def _socket_inodes(pid: int) -> set[int]:
     inodes = set()
     try:

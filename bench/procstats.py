@@ -51,17 +51,21 @@ def cpu_seconds(pid: int, *, tree: bool = True) -> float:
     return total / _TICK
 
 
-def wakeups(pid: int) -> int:
-    """Times the process's main thread went to sleep and was woken (voluntary switches).
+def wakeups(pid: int, *, tree: bool = True) -> int:
+    """Times the main threads of the process (and its descendants: nginx's workers) went to
+    sleep and were woken (voluntary context switches).
 
     An event loop sleeps in epoll_wait between timers and I/O, so while it is idle this counts
     its timer wake-ups.
     """
-    with contextlib.suppress(OSError):
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("voluntary_ctxt_switches:"):
-                return int(line.split()[1])
-    return 0
+    total = 0
+    for p in process_tree(pid) if tree else [pid]:
+        with contextlib.suppress(OSError, ValueError):
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("voluntary_ctxt_switches:"):
+                    total += int(line.split()[1])
+                    break
+    return total
 
 
 def _socket_inodes(pid: int) -> set[int]:

@@ -138,7 +138,6 @@ class Sampler:
             "t": time.monotonic(),
             "rss": procstats.rss_bytes(pid),
             "cpu_s": procstats.cpu_seconds(pid),
-            "wakeups": procstats.wakeups(pid),
             "redis_conns": procstats.tcp_connections(pid, remote_port=self.redis_port),
             "client_conns": procstats.tcp_connections(pid, local_port=self.server.port),
             "fds": sum(procstats.open_fds(p) for p in procstats.process_tree(pid)),
@@ -213,11 +212,14 @@ def long_poll_scenario(
         time.sleep(1.0)  # let the last connections settle before measuring idle CPU
         idle_before = _merge([r["counters"] for r in call_all(workers, "stats")])
         s_full = sampler.sample()
+        # Wake-ups read apart from the samples, whose /metrics requests wake the server too.
+        w0, tw0 = procstats.wakeups(server.pid), time.monotonic()
         time.sleep(p.idle_s)
+        w1, tw1 = procstats.wakeups(server.pid), time.monotonic()
         s_idle = sampler.sample()
         idle_after = _merge([r["counters"] for r in call_all(workers, "stats")])
         idle_cpu = (s_idle["cpu_s"] - s_full["cpu_s"]) / (s_idle["t"] - s_full["t"])
-        idle_wakeups = (s_idle["wakeups"] - s_full["wakeups"]) / (s_idle["t"] - s_full["t"])
+        idle_wakeups = (w1 - w0) / (tw1 - tw0)
         out["idle"] = {
             "rss_start": s0["rss"],
             "rss_after_setup": s_setup["rss"],

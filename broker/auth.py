@@ -66,8 +66,8 @@ class TokenVerifier:
         self._settings = settings
         # Keyed by the SHA-256 digest of the token, not the token: a parked poll's token is
         # already held by its request, and tens of thousands of second copies add up.
-        # SHA-256 rather than BLAKE2: OpenSSL's uses the CPU's SHA instructions, and this runs
-        # on every request (~5k instructions less per request than CPython's BLAKE2b).
+        # SHA-256 rather than BLAKE2b: OpenSSL's uses the CPU's SHA instructions, and this runs
+        # on every request (timeit, 300-900 character tokens: 660-1122 ns against 861-1786).
         self._cache: dict[bytes, Principal] = {}
         # Expired entries (clients gone, tokens rotated) are dropped when the cache has grown
         # to this size, which then doubles from what is left: memory stays within twice the

@@ -6,22 +6,29 @@ import subprocess
 import sys
 import time
 
-from bench import procstats
+import pytest
+
+from bench import procstats, run
 from bench.run import sleeper_cpu
 
 
 def test_wakeups_count_a_process_going_to_sleep_and_waking():
-    code = "import time\nfor _ in range(30): time.sleep(0.01)\ntime.sleep(60)"
-    proc = subprocess.Popen([sys.executable, "-c", code])
+    # The child blocks on its stdin until told: its count is read before any of its sleeps.
+    code = "import sys, time\nsys.stdin.readline()\nfor _ in range(30): time.sleep(0.01)\n"
+    code += "time.sleep(60)"
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE)
+    assert proc.stdin is not None
     try:
-        time.sleep(0.05)
+        time.sleep(0.3)
         first = procstats.wakeups(proc.pid)
+        proc.stdin.write(b"go\n")
+        proc.stdin.flush()
         deadline = time.monotonic() + 10
-        while procstats.wakeups(proc.pid) < first + 20 and time.monotonic() < deadline:
+        while procstats.wakeups(proc.pid) < first + 30 and time.monotonic() < deadline:
             time.sleep(0.05)
-        # each time.sleep is one voluntary switch at least; the start-up adds some of its own
-        assert procstats.wakeups(proc.pid) >= first + 20
+        assert procstats.wakeups(proc.pid) >= first + 30  # each time.sleep is one at least
     finally:
+        proc.stdin.close()
         proc.kill()
         proc.wait()
 
@@ -32,7 +39,10 @@ def test_wakeups_of_a_process_that_is_gone_are_zero():
     assert procstats.wakeups(proc.pid) == 0
 
 
-def test_the_sleeper_reference_is_a_share_of_one_core():
-    # Only bounds: what a wake-up costs is the machine's, which is the point of measuring it.
+def test_the_sleeper_reference_is_its_cpu_time_over_the_window_in_percent(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    readings = iter([1.0, 1.05])  # 50 ms of CPU over the 0.5 s window: 10% of a core
+    monkeypatch.setattr(run.procstats, "cpu_seconds", lambda _pid: next(readings))
     pct = sleeper_cpu(20, 0.5)
-    assert 0.0 <= pct < 100.0
+    assert 9.0 <= pct <= 10.0  # the window is a little longer than asked, never shorter

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from bench import procstats, run
+from bench import procstats
 from bench.run import sleeper_cpu
 
 
@@ -43,6 +43,6 @@ def test_the_sleeper_reference_is_its_cpu_time_over_the_window_in_percent(
     monkeypatch: pytest.MonkeyPatch,
 ):
     readings = iter([1.0, 1.05])  # 50 ms of CPU over the 0.5 s window: 10% of a core
-    monkeypatch.setattr(run.procstats, "cpu_seconds", lambda _pid: next(readings))
+    monkeypatch.setattr(procstats, "cpu_seconds", lambda _pid: next(readings))
     pct = sleeper_cpu(20, 0.5)
     assert 9.0 <= pct <= 10.0  # the window is a little longer than asked, never shorter

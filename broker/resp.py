@@ -42,6 +42,16 @@ def encode_command(args: tuple[Arg, ...]) -> bytes:
     return packed
 
 
+# Small counts and limits, encoded once: hiredis turns an int argument into text with a
+# PyObject_Str and an sprintf each time (~40 ns apiece, six per OB poll).
+_SMALL = tuple(str(i).encode() for i in range(1024))
+
+
+def number(n: int) -> bytes:
+    """`n` as a command argument, the same bytes hiredis would send for the int."""
+    return _SMALL[n] if 0 <= n < 1024 else str(n).encode()
+
+
 def _retrieved(future: asyncio.Future[Any]) -> None:
     """Mark a future's outcome seen: its waiters, if any, re-raise their own copy."""
     if not future.cancelled():

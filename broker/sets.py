@@ -22,6 +22,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from broker import jsonutil, keyspace
+from broker.resp import number
 from broker.scripts import RedisPyRunner, Script, ScriptRunner
 from broker.store import UNAVAILABLE, guard
 
@@ -100,6 +101,8 @@ class SetStore:
         self.runner: ScriptRunner = runner or RedisPyRunner(redis)
         self.retention_ms = retention_s * 1000
         self.lease_ms = int(redelivery_s * 1000)
+        # What every poll sends, encoded once (resp.number).
+        self._poll_settings = (number(self.lease_ms), number(self.retention_ms))
         self._publish = Script.load("sets_publish")
         self._poll = Script.load("sets_poll")
 
@@ -139,7 +142,8 @@ class SetStore:
         tag = keyspace.client_tag(client_id)
         errs = set_errs or {}
         now_ms = int(time.time() * 1000)
-        args: list[Any] = [limit, self.lease_ms, self.retention_ms, len(ack), *ack, len(errs)]
+        args: list[Any] = [number(limit), *self._poll_settings, number(len(ack)), *ack]
+        args.append(number(len(errs)))
         for jti, (err, description) in errs.items():
             # Escaped here, where a JSON encoder is at hand; the script only prepends the JWS.
             record = {"err": err, "description": description, "at": now_ms}

@@ -16,7 +16,7 @@ from redis.asyncio import Redis
 
 from broker import keyspace
 from broker.errors import StoreError, StoreUnavailable
-from broker.resp import Arg
+from broker.resp import Arg, number
 from broker.scripts import RedisPyRunner, Script, ScriptRunner
 
 T = TypeVar("T")
@@ -112,6 +112,8 @@ class QueueStore:
         self.ttl_ms = ttl_s * 1000
         self.maxlen = maxlen
         self.max_batch = max_batch
+        # Sent with every poll: encoded once (resp.number).
+        self._ttl_arg, self._batch_arg = number(self.ttl_ms), number(max_batch)
         self._subscribe = Script.load("queue_subscribe")
         self._poll = Script.load("queue_poll")
         self._rewind = Script.load("queue_rewind")
@@ -144,7 +146,7 @@ class QueueStore:
         token = token or new_poll_token()
         # One key: the script names the queue's meta and stream after it (keyspace.py).
         keys = [keyspace.queue_registry(tag)]
-        args: list[Arg] = [self.ttl_ms, queue_id, self.max_batch, token]
+        args: list[Arg] = [self._ttl_arg, queue_id, self._batch_arg, token]
         # idempotent() by hand: no closure and no extra coroutine on every poll.
         try:
             reply = await self.runner.run(self._poll, keys, args)

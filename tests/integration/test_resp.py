@@ -12,7 +12,7 @@ import redis.exceptions
 from redis.asyncio import Redis
 
 from broker.embedded import EmbeddedRedis
-from broker.resp import RespClient, encode_command
+from broker.resp import RespClient, encode_command, number
 from broker.scripts import RespRunner, Script
 
 
@@ -216,3 +216,9 @@ async def test_commands_on_a_connection_do_not_look_up_the_loop(real_redis, monk
         assert calls == 0
     finally:
         await client.aclose()
+
+
+@pytest.mark.parametrize("n", [0, 1, 100, 1023, 1024, 86_400_000, -1])
+def test_a_number_is_sent_as_the_int_would_be(n):
+    assert encode_command(("EVALSHA", number(n))) == encode_command(("EVALSHA", n))
+    assert number(n) == str(n).encode()

@@ -98,6 +98,21 @@ class TokenVerifier:
             )
         return principal
 
+    def clear_cache(self) -> int:
+        """Forget every cached principal (tokens are verified again on their next use).
+
+        For after a mass disconnect (gcstats.GcPolicy): the cache was filled while the clients
+        connected, one small principal and key at a time between their connections' objects,
+        and those survivors pin the C heap's pages once everything around them is freed
+        (broker-only benchmark on a saturated machine: +78-82 MB of a +137-191 MB peak kept
+        after 10,000 clients vanished, +21 of +146 MB with the cache cleared first).
+        Returns how many entries were dropped.
+        """
+        dropped = len(self._cache)
+        self._cache = {}
+        self._purge_at = _PURGE_MIN
+        return dropped
+
     def _purge(self, now: float) -> None:
         """Drop expired entries; clear all if live ones alone reach the hard cap.
 

@@ -72,8 +72,13 @@ class GcPolicy:
         load: Callable[[], int] = lambda: 0,
         *,
         check_interval_s: float = 1.0,
+        on_mass_disconnect: Callable[[], object] | None = None,
     ) -> None:
         self.freeze_interval_s = freeze_interval_s
+        # Called before the maintenance collection that follows a mass disconnect (not the
+        # periodic one): drop caches filled while the clients connected, so that their
+        # entries do not pin the freed memory (see TokenVerifier.clear_cache).
+        self.on_mass_disconnect = on_mass_disconnect
         self.full_interval_s = full_interval_s
         # How often the parked polls are counted for the mass-disconnect check: slower than
         # the freezes, so that "stopped falling" means a second without fewer polls, not one
@@ -116,6 +121,8 @@ class GcPolicy:
             settled = vanished and waiting >= before
             due = self.full_interval_s > 0 and loop.time() >= next_full
             if settled or due:
+                if settled and self.on_mass_disconnect is not None:
+                    self.on_mass_disconnect()
                 self.collect_all()
                 vanished = False
                 self._peak = waiting

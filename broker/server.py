@@ -22,7 +22,7 @@ from aiohttp import web
 
 from broker import gcstats
 from broker.app import create_app
-from broker.appkeys import hub_key
+from broker.appkeys import hub_key, verifier_key
 from broker.auth import DevIssuer
 from broker.config import Settings
 from broker.embedded import EmbeddedRedis
@@ -61,6 +61,7 @@ def run_worker(settings: Settings, *, reuse_port: bool) -> None:
         settings.server.gc_freeze_interval_s,
         settings.server.gc_full_interval_s,
         load=lambda: app[hub_key].waiting if hub_key in app else 0,
+        on_mass_disconnect=lambda: _after_mass_disconnect(app),
     )
 
     async def start_policy(_app: web.Application) -> None:
@@ -83,6 +84,19 @@ def run_worker(settings: Settings, *, reuse_port: bool) -> None:
         access_log=log if settings.server.access_log else None,
         print=None,
         loop=loop,
+    )
+
+
+def _after_mass_disconnect(app: web.Application) -> None:
+    """Before the maintenance collection that follows a mass disconnect: drop the token cache.
+
+    Its entries were made while those clients connected, between their connections' objects;
+    kept, they pin the freed pages (TokenVerifier.clear_cache). Clients still connected have
+    their token verified once more on their next request.
+    """
+    dropped = app[verifier_key].clear_cache()
+    log.info(
+        "mass disconnect: token cache cleared (%d entries) before the heap is trimmed", dropped
     )
 
 

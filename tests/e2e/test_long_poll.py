@@ -338,3 +338,19 @@ async def test_a_timed_out_poll_reads_its_queue_once(client, auth, monkeypatch):
     # (3, or more if an extra hint came: on a fresh server the first publish's NOSCRIPT
     # retry sends its hint twice)
     assert r.status == 200 and calls >= 3
+
+
+async def test_after_a_mass_disconnect_the_token_cache_is_dropped_and_clients_go_on(client, auth):
+    from broker import server
+    from broker.appkeys import verifier_key
+
+    loc = await subscribe(client, auth, "u1")
+    headers = auth("u1")
+    assert (await client.get(loc, headers=headers)).status == 204
+    verifier = client.app[verifier_key]
+    assert len(verifier._cache) >= 1
+    server._after_mass_disconnect(client.app)
+    assert verifier._cache == {}
+    # the same token still works: verified again, and cached again
+    assert (await client.get(loc, headers=headers)).status == 204
+    assert len(verifier._cache) == 1

@@ -257,3 +257,19 @@ def test_cached_principals_share_equal_scope_sets_and_strings(verifier):
     assert principals[0].scopes == {"accounts", "payments"}
     assert principals[0].scopes is principals[1].scopes is principals[2].scopes
     assert all(p.client_id is p.sub for p in principals)
+
+
+def test_clearing_the_cache_makes_the_next_use_verify_again(verifier, monkeypatch):
+    v = verifier()
+    t = jwt.encode(_claims(exp=int(time.time()) + 60), ED, algorithm="EdDSA", headers={"kid": "ed"})
+    v.verify(t)
+    decoded: list[str] = []
+    real_decode = v._decode
+    monkeypatch.setattr(v, "_decode", lambda tok: decoded.append(tok) or real_decode(tok))
+    v.verify(t)
+    assert decoded == []  # cached
+    assert v.clear_cache() == 1
+    assert v._cache == {}
+    assert v.verify(t).sub == _claims()["sub"]
+    assert decoded == [t]  # verified again, and cached again
+    assert len(v._cache) == 1

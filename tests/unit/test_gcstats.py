@@ -95,7 +95,9 @@ async def test_policy_collects_when_parked_polls_fall_below_half_their_peak():
     assert policy.full_collections == 1  # once, not on every tick after
 
 
-async def _replay(readings: list[int]) -> tuple[int, list[int]]:
+async def _replay(
+    readings: list[int], hook_calls: list[int] | None = None
+) -> tuple[int, list[int]]:
     """Run the policy over `readings` (one per tick; the last repeats a few times).
 
     Returns how many maintenance collections ran, and the readings up to and including the
@@ -112,8 +114,17 @@ async def _replay(readings: list[int]) -> tuple[int, list[int]]:
             steady.set()
         return value
 
+    def hook() -> None:
+        # the collections already run when the hook is called: it must come before its own
+        assert hook_calls is not None
+        hook_calls.append(policy.full_collections)
+
     policy = GcPolicy(
-        freeze_interval_s=0.01, full_interval_s=3600, load=load, check_interval_s=0.01
+        freeze_interval_s=0.01,
+        full_interval_s=3600,
+        load=load,
+        check_interval_s=0.01,
+        on_mass_disconnect=hook if hook_calls is not None else None,
     )
     policy.start()
     await asyncio.wait_for(steady.wait(), 10)
@@ -140,3 +151,31 @@ async def test_policy_leaves_a_steady_load_alone():
     collections, before = await _replay([10000, 10000, 9000, 10000])
     assert collections == 0
     assert before[:4] == [10000, 10000, 9000, 10000]
+
+
+async def test_a_mass_disconnect_runs_the_hook_before_its_collection():
+    calls: list[int] = []
+    collections, _before = await _replay([5000, 5000, 100, 100], calls)
+    assert collections == 1
+    assert calls == [0]  # once, before the maintenance collection it comes with
+
+
+async def test_a_steady_load_never_runs_the_mass_disconnect_hook():
+    calls: list[int] = []
+    await _replay([10000, 10000, 9000, 10000], calls)
+    assert calls == []
+
+
+async def test_the_periodic_collection_does_not_run_the_mass_disconnect_hook():
+    calls: list[int] = []
+    policy = GcPolicy(
+        freeze_interval_s=0.01,
+        full_interval_s=0.05,
+        load=lambda: 10000,
+        check_interval_s=0.01,
+        on_mass_disconnect=lambda: calls.append(1),
+    )
+    policy.start()
+    await asyncio.sleep(0.4)
+    await policy.stop()
+    assert policy.full_collections >= 2 and calls == []

@@ -265,7 +265,13 @@ def test_clearing_the_cache_makes_the_next_use_verify_again(verifier, monkeypatc
     v.verify(t)
     decoded: list[str] = []
     real_decode = v._decode
-    monkeypatch.setattr(v, "_decode", lambda tok: decoded.append(tok) or real_decode(tok))
+
+    def decode(tok: str) -> Principal:
+        decoded.append(tok)
+        principal: Principal = real_decode(tok)
+        return principal
+
+    monkeypatch.setattr(v, "_decode", decode)
     v.verify(t)
     assert decoded == []  # cached
     assert v.clear_cache() == 1

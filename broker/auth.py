@@ -104,8 +104,9 @@ class TokenVerifier:
         For after a mass disconnect (gcstats.GcPolicy): the cache was filled while the clients
         connected, one small principal and key at a time between their connections' objects,
         and those survivors pin the C heap's pages once everything around them is freed
-        (broker-only benchmark on a saturated machine: +78-82 MB of a +137-191 MB peak kept
-        after 10,000 clients vanished, +21 of +146 MB with the cache cleared first).
+        (broker-only benchmark runs on a saturated machine: +75 to +82 MiB of a +137 to +182
+        MiB peak kept after 10,000 clients vanished; +20 of +140 MiB with the cache cleared
+        first, one run).
         Returns how many entries were dropped.
         """
         dropped = len(self._cache)

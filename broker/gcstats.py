@@ -34,9 +34,12 @@ import asyncio
 import contextlib
 import ctypes
 import gc
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 # Generation 0 collects every 2,000 net allocations (~1 ms); 1 and 2 never do on their own.
 THRESHOLDS = (2_000, 1_000_000_000, 1_000_000_000)
@@ -121,13 +124,26 @@ class GcPolicy:
             settled = vanished and waiting >= before
             due = self.full_interval_s > 0 and loop.time() >= next_full
             if settled or due:
-                if settled and self.on_mass_disconnect is not None:
-                    self.on_mass_disconnect()
+                # Not when the clients came straight back (the count rose again past half its
+                # peak): their new entries would be as scattered, and each of them would have
+                # its token verified again for nothing.
+                if settled and waiting <= self._peak // 2:
+                    self._mass_disconnect_hook()
                 self.collect_all()
                 vanished = False
                 self._peak = waiting
                 next_full = loop.time() + self.full_interval_s
             gc.freeze()
+
+    def _mass_disconnect_hook(self) -> None:
+        if self.on_mass_disconnect is None:
+            return
+        try:
+            self.on_mass_disconnect()
+        except Exception:
+            # Never the end of the policy: without it the young collections' pauses grow
+            # back and no maintenance collection runs again.
+            log.exception("gc policy: the mass-disconnect hook failed")
 
     def collect_all(self) -> None:
         gc.unfreeze()

@@ -43,7 +43,7 @@ def encode_command(args: tuple[Arg, ...]) -> bytes:
 
 
 # Small counts and limits, encoded once: hiredis turns an int argument into text with a
-# PyObject_Str and an sprintf each time (~40 ns apiece, six per OB poll).
+# PyObject_Str and an sprintf each time (~40 ns apiece, five per OB poll).
 _SMALL = tuple(str(i).encode() for i in range(1024))
 
 

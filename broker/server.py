@@ -57,12 +57,7 @@ def run_worker(settings: Settings, *, reuse_port: bool) -> None:
     asyncio.set_event_loop(loop)
     app = create_app(settings)
     # The GC policy is process-wide, so the server (not create_app) owns it.
-    policy = gcstats.GcPolicy(
-        settings.server.gc_freeze_interval_s,
-        settings.server.gc_full_interval_s,
-        load=lambda: app[hub_key].waiting if hub_key in app else 0,
-        on_mass_disconnect=lambda: _after_mass_disconnect(app),
-    )
+    policy = gc_policy(settings, app)
 
     async def start_policy(_app: web.Application) -> None:
         policy.start()
@@ -84,6 +79,17 @@ def run_worker(settings: Settings, *, reuse_port: bool) -> None:
         access_log=log if settings.server.access_log else None,
         print=None,
         loop=loop,
+    )
+
+
+def gc_policy(settings: Settings, app: web.Application) -> gcstats.GcPolicy:
+    """The worker's GC policy: it counts the app's parked polls, clears its caches after a
+    mass disconnect."""
+    return gcstats.GcPolicy(
+        settings.server.gc_freeze_interval_s,
+        settings.server.gc_full_interval_s,
+        load=lambda: app[hub_key].waiting if hub_key in app else 0,
+        on_mass_disconnect=lambda: _after_mass_disconnect(app),
     )
 
 

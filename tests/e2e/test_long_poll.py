@@ -340,7 +340,9 @@ async def test_a_timed_out_poll_reads_its_queue_once(client, auth, monkeypatch):
     assert r.status == 200 and calls >= 3
 
 
-async def test_after_a_mass_disconnect_the_token_cache_is_dropped_and_clients_go_on(client, auth):
+async def test_after_a_mass_disconnect_the_token_cache_is_dropped_and_clients_go_on(
+    client, auth, settings
+):
     from broker import server
     from broker.appkeys import verifier_key
 
@@ -349,7 +351,9 @@ async def test_after_a_mass_disconnect_the_token_cache_is_dropped_and_clients_go
     assert (await client.get(loc, headers=headers)).status == 204
     verifier = client.app[verifier_key]
     assert len(verifier._cache) >= 1
-    server._after_mass_disconnect(client.app)
+    policy = server.gc_policy(settings, client.app)  # the worker's policy, as serve builds it
+    assert policy.on_mass_disconnect is not None
+    policy.on_mass_disconnect()
     assert verifier._cache == {}
     # the same token still works: verified again, and cached again
     assert (await client.get(loc, headers=headers)).status == 204

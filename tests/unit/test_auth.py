@@ -274,8 +274,10 @@ def test_clearing_the_cache_makes_the_next_use_verify_again(verifier, monkeypatc
     monkeypatch.setattr(v, "_decode", decode)
     v.verify(t)
     assert decoded == []  # cached
+    v._purge_at = 4096  # as after a sweep of a big cache
     assert v.clear_cache() == 1
     assert v._cache == {}
+    assert v._purge_at == 1024  # the next sweep counts from an empty cache
     assert v.verify(t).sub == _claims()["sub"]
     assert decoded == [t]  # verified again, and cached again
     assert len(v._cache) == 1

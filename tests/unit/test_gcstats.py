@@ -179,3 +179,34 @@ async def test_the_periodic_collection_does_not_run_the_mass_disconnect_hook():
     await asyncio.sleep(0.4)
     await policy.stop()
     assert policy.full_collections >= 2 and calls == []
+
+
+async def test_clients_that_came_straight_back_keep_their_caches():
+    calls: list[int] = []
+    collections, _before = await _replay([10000, 10000, 0, 9000, 10000], calls)
+    assert collections == 1  # the cancelled polls' garbage is still collected
+    assert calls == []  # but 9,000 of them are back: their cache entries are live
+
+
+async def test_a_failing_mass_disconnect_hook_is_logged_and_the_policy_goes_on(caplog):
+    readings = [5000, 5000, 100, 100]
+
+    def load() -> int:
+        return readings.pop(0) if len(readings) > 1 else readings[0]
+
+    def hook() -> None:
+        raise RuntimeError("boom")
+
+    policy = GcPolicy(
+        freeze_interval_s=0.01,
+        full_interval_s=0.3,
+        load=load,
+        check_interval_s=0.01,
+        on_mass_disconnect=hook,
+    )
+    policy.start()
+    await asyncio.sleep(0.8)
+    assert policy._task is not None and not policy._task.done()
+    await policy.stop()
+    assert "the mass-disconnect hook failed" in caplog.text
+    assert policy.full_collections >= 2  # the collection it came with, and a periodic one

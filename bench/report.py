@@ -56,7 +56,7 @@ def check_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             measured += f" ({idle['wakeups_per_s']} wake-ups/s"
             if "sleeper_cpu_pct" in idle:
                 measured += (
-                    f"; a process that only sleeps, waking as often, is charged"
+                    f"; an event loop that only sleeps, waking as often, is charged"
                     f" {idle['sleeper_cpu_pct']}% on this machine"
                 )
             measured += ")"

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from bench import procstats
-from bench.run import sleeper_cpu
+from bench.run import sleeper_code, sleeper_cpu
 
 
 def test_wakeups_count_a_process_going_to_sleep_and_waking():
@@ -46,3 +46,17 @@ def test_the_sleeper_reference_is_its_cpu_time_over_the_window_in_percent(
     monkeypatch.setattr(procstats, "cpu_seconds", lambda _pid: next(readings))
     pct = sleeper_cpu(20, 0.5)
     assert 9.0 <= pct <= 10.0  # the window is a little longer than asked, never shorter
+
+
+def test_the_sleeper_wakes_about_as_often_as_asked():
+    proc = subprocess.Popen([sys.executable, "-c", sleeper_code(20)])
+    try:
+        time.sleep(1.0)  # start-up (imports) out of the count
+        first, t0 = procstats.wakeups(proc.pid), time.monotonic()
+        time.sleep(1.0)
+        rate = (procstats.wakeups(proc.pid) - first) / (time.monotonic() - t0)
+        assert proc.poll() is None  # still running: the program is valid and loops
+        assert 10 <= rate <= 40  # 20 a second, with slack for a loaded machine
+    finally:
+        proc.kill()
+        proc.wait()

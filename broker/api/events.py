@@ -201,7 +201,7 @@ async def poll_events(request: web.Request) -> web.Response:
 
 
 # The answer to every poll that found nothing (most of them), encoded once.
-_NOTHING_BODY = jsonutil.dumps({"sets": {}, "moreAvailable": False})
+_NOTHING_BODY = NOTHING.body()
 
 
 def _count(metrics: Metrics, request: web.Request, client: str, outcome: PollOutcome) -> None:

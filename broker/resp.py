@@ -52,6 +52,28 @@ def number(n: int) -> bytes:
     return _SMALL[n] if 0 <= n < 1024 else str(n).encode()
 
 
+class PackedArgs:
+    """Command arguments that recur unchanged from call to call, encoded once.
+
+    An OB poll without acks sends the same five numbers after its key every time; packing
+    them once saves hiredis's encoder most of its work (~13k of a poll's ~340k instructions
+    under callgrind). `args` is the plain form, for clients that encode for themselves.
+    """
+
+    __slots__ = ("args", "resp")
+
+    def __init__(self, args: tuple[Arg, ...]) -> None:
+        self.args = args
+        # Bulk strings only: the array header depends on what goes before them.
+        self.resp = encode_command(args).partition(b"\r\n")[2] if args else b""
+
+
+def bulk(value: str) -> bytes:
+    """One text argument as a RESP bulk string."""
+    data = value.encode()
+    return b"$%d\r\n%b\r\n" % (len(data), data)
+
+
 def _retrieved(future: asyncio.Future[Any]) -> None:
     """Mark a future's outcome seen: its waiters, if any, re-raise their own copy."""
     if not future.cancelled():
@@ -151,7 +173,13 @@ class RespClient:
         """Send one command at once (others may be in flight); its reply."""
         if self._proto is None:
             await self._connect()
-        return await self._send(args)
+        return await self._send_data(encode_command(args))
+
+    async def execute_packed(self, data: bytes) -> Any:
+        """Send one command already encoded as a RESP array (see PackedArgs); its reply."""
+        if self._proto is None:
+            await self._connect()
+        return await self._send_data(data)
 
     async def pipeline(self, *commands: tuple[Arg, ...]) -> list[Any]:
         """Send several commands in one write; their replies, an error reply as its exception.
@@ -181,6 +209,10 @@ class RespClient:
         return results
 
     def _send(self, args: tuple[Arg, ...], *, write: bool = True) -> asyncio.Future[Any]:
+        # Encoded first: a TypeError must not leave a future pending.
+        return self._send_data(encode_command(args), write=write)
+
+    def _send_data(self, data: bytes, *, write: bool = True) -> asyncio.Future[Any]:
         # The loop of the connection, kept: on Python 3.11 get_running_loop() makes a getpid
         # system call each time (its check for a fork), and this runs for every command.
         loop = self._loop or asyncio.get_running_loop()
@@ -188,7 +220,6 @@ class RespClient:
         if self._proto is None:  # died between connecting and sending
             future.set_exception(redis.exceptions.ConnectionError("connection lost"))
             return future
-        data = encode_command(args)  # first: a TypeError must not leave a future pending
         self._pending.append((future, loop.time()))
         if write and not self._out:
             self._write(data)

@@ -16,7 +16,10 @@ import redis.exceptions
 from redis.asyncio import Redis
 
 from broker import keyspace
-from broker.resp import Arg, RespClient
+from broker.resp import Arg, PackedArgs, RespClient, bulk, encode_command
+
+# A script's arguments: plain, or packed once for calls that repeat them (resp.PackedArgs).
+Args = Sequence[Arg] | PackedArgs
 
 
 @dataclass(eq=False)
@@ -40,7 +43,7 @@ def _wake(tag: str) -> tuple[Arg, ...]:
 
 
 class ScriptRunner(Protocol):
-    async def run(self, script: Script, keys: Sequence[str], args: Sequence[Arg]) -> Any:
+    async def run(self, script: Script, keys: Sequence[str], args: Args) -> Any:
         """The script's reply; Redis errors raised as redis-py exceptions."""
 
     async def run_with_wake(
@@ -54,14 +57,35 @@ class ScriptRunner(Protocol):
 class RespRunner:
     def __init__(self, client: RespClient) -> None:
         self.client = client
+        # "EVALSHA <sha> <numkeys>" with its array header, by (sha, keys, arguments): what
+        # goes before the keys of a call with packed arguments.
+        self._heads: dict[tuple[str, int, int], bytes] = {}
 
-    async def run(self, script: Script, keys: Sequence[str], args: Sequence[Arg]) -> Any:
+    async def run(self, script: Script, keys: Sequence[str], args: Args) -> Any:
+        if isinstance(args, PackedArgs):
+            data = self._packed_call(script, keys, args)
+            try:
+                return await self.client.execute_packed(data)
+            except redis.exceptions.NoScriptError:
+                await self.client.execute("SCRIPT", "LOAD", script.text)
+                return await self.client.execute_packed(data)
         try:
             return await self.client.execute("EVALSHA", script.sha, len(keys), *keys, *args)
         except redis.exceptions.NoScriptError:
             # Not run (a restarted or flushed Redis forgot it): load and run it again.
             await self.client.execute("SCRIPT", "LOAD", script.text)
             return await self.client.execute("EVALSHA", script.sha, len(keys), *keys, *args)
+
+    def _packed_call(self, script: Script, keys: Sequence[str], args: PackedArgs) -> bytes:
+        """The whole EVALSHA command, encoded: only the keys are encoded here."""
+        shape = (script.sha, len(keys), len(args.args))
+        head = self._heads.get(shape)
+        if head is None:
+            call = encode_command(("EVALSHA", script.sha, len(keys)))
+            head = b"*%d\r\n%b" % (3 + len(keys) + len(args.args), call.partition(b"\r\n")[2])
+            self._heads[shape] = head  # bounded: a few scripts, each called in one shape
+        encoded_keys = bulk(keys[0]) if len(keys) == 1 else b"".join(map(bulk, keys))
+        return head + encoded_keys + args.resp
 
     async def run_with_wake(
         self, script: Script, keys: Sequence[str], args: Sequence[Arg], tag: str
@@ -85,7 +109,9 @@ class RedisPyRunner:
         self.client = client
         self._loaded: set[str] = set()
 
-    async def run(self, script: Script, keys: Sequence[str], args: Sequence[Arg]) -> Any:
+    async def run(self, script: Script, keys: Sequence[str], args: Args) -> Any:
+        if isinstance(args, PackedArgs):
+            args = args.args
         try:
             return await self.client.evalsha(script.sha, len(keys), *keys, *args)
         except redis.exceptions.NoScriptError:

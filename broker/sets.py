@@ -22,8 +22,8 @@ from typing import Any
 from redis.asyncio import Redis
 
 from broker import jsonutil, keyspace
-from broker.resp import number
-from broker.scripts import RedisPyRunner, Script, ScriptRunner
+from broker.resp import Arg, PackedArgs, number
+from broker.scripts import Args, RedisPyRunner, Script, ScriptRunner
 from broker.store import UNAVAILABLE, guard
 
 QUEUED = 1
@@ -103,6 +103,9 @@ class SetStore:
         self.lease_ms = int(redelivery_s * 1000)
         # What every poll sends, encoded once (resp.number).
         self._poll_settings = (number(self.lease_ms), number(self.retention_ms))
+        # The whole argument list of a poll with no acks or nacks (most polls), by limit:
+        # packed once (resp.PackedArgs).
+        self._plain_polls: dict[int, PackedArgs] = {}
         self._publish = Script.load("sets_publish")
         self._poll = Script.load("sets_poll")
 
@@ -140,14 +143,16 @@ class SetStore:
     ) -> PollOutcome:
         """Apply `ack` then `set_errs`, then select up to `limit` SETs: one atomic step."""
         tag = keyspace.client_tag(client_id)
-        errs = set_errs or {}
-        now_ms = int(time.time() * 1000)
-        args: list[Any] = [number(limit), *self._poll_settings, number(len(ack)), *ack]
-        args.append(number(len(errs)))
-        for jti, (err, description) in errs.items():
-            # Escaped here, where a JSON encoder is at hand; the script only prepends the JWS.
-            record = {"err": err, "description": description, "at": now_ms}
-            args += (jti, jsonutil.dumps(record))
+        args: Args
+        if ack or set_errs:
+            args = self._poll_args(limit, ack, set_errs or {})
+        else:
+            plain = self._plain_polls.get(limit)
+            if plain is None:
+                plain = PackedArgs(tuple(self._poll_args(limit)))
+                if len(self._plain_polls) < 1024:  # limits come from requests: bounded
+                    self._plain_polls[limit] = plain
+            args = plain
         # One key: the script names the client's other keys after it (keyspace.py).
         keys = [keyspace.sets_all(tag)]
         # Safe to repeat: acks and nacks are idempotent, and a SET selected by a poll whose
@@ -169,6 +174,24 @@ class SetStore:
             expired=int(expired),
             next_lease_s=None if int(next_ms) < 0 else int(next_ms) / 1000,
         )
+
+    def _poll_args(
+        self,
+        limit: int,
+        ack: Sequence[str] = (),
+        errs: dict[str, tuple[str, str]] | None = None,
+    ) -> list[Arg]:
+        """sets_poll.lua's arguments: limit, lease, retention, acks, then nacks."""
+        args: list[Arg] = [number(limit), *self._poll_settings, number(len(ack)), *ack]
+        args.append(number(len(errs or ())))
+        if errs:
+            now_ms = int(time.time() * 1000)
+            for jti, (err, description) in errs.items():
+                # Escaped here, where a JSON encoder is at hand; the script only prepends the
+                # JWS.
+                record = {"err": err, "description": description, "at": now_ms}
+                args += (jti, jsonutil.dumps(record))
+        return args
 
     async def pending(self, client_id: str) -> int:
         """Unacked SETs of the client (leased ones included)."""

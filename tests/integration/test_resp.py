@@ -12,8 +12,8 @@ import redis.exceptions
 from redis.asyncio import Redis
 
 from broker.embedded import EmbeddedRedis
-from broker.resp import RespClient, encode_command, number
-from broker.scripts import RespRunner, Script
+from broker.resp import PackedArgs, RespClient, encode_command, number
+from broker.scripts import RedisPyRunner, RespRunner, Script
 
 
 def test_commands_are_encoded_as_resp_bulk_arrays():
@@ -222,3 +222,31 @@ async def test_commands_on_a_connection_do_not_look_up_the_loop(real_redis, monk
 def test_a_number_is_sent_as_the_int_would_be(n):
     assert encode_command(("EVALSHA", number(n))) == encode_command(("EVALSHA", n))
     assert number(n) == str(n).encode()
+
+
+@pytest.mark.parametrize("keys", [["k"], ["k1", "{é}:k2"]])
+def test_a_call_with_packed_arguments_is_the_command_encoded_whole(keys):
+    script = Script("t", "return 1")
+    args = (number(5), b"30000", "jti-1", 7)
+    packed = RespRunner(RespClient("redis://localhost"))._packed_call(
+        script, keys, PackedArgs(args)
+    )
+    assert packed == encode_command(("EVALSHA", script.sha, len(keys), *keys, *args))
+    assert PackedArgs(()).resp == b""
+
+
+async def test_packed_arguments_run_as_plain_ones_and_a_missing_script_is_loaded(resp, real_redis):
+    runner = RespRunner(resp)
+    script = Script("t", "return {KEYS[1], ARGV[1], ARGV[2], redis.call('INCR', KEYS[1])}")
+    await real_redis.client().script_flush()
+    twice = PackedArgs((b"a", number(2)))
+    assert await runner.run(script, ["n"], twice) == [b"n", b"a", b"2", 1]
+    assert await runner.run(script, ["n"], twice) == [b"n", b"a", b"2", 2]
+    assert await runner.run(script, ["n"], [b"a", 2]) == [b"n", b"a", b"2", 3]
+    # redis-py's runner (fakeredis in unit tests) takes the same packed arguments
+    assert await RedisPyRunner(real_redis.client()).run(script, ["n"], twice) == [
+        b"n",
+        b"a",
+        b"2",
+        4,
+    ]

@@ -54,7 +54,7 @@ async def read_json(
     # request.content: that caches itself on the request (~88 bytes per parked OB poll).
     body: Any = getattr(request, "_payload", None)
     if body is not None and body.is_eof() and not (limit and body.total_bytes > limit):
-        raw = body.read_nowait()
+        raw = _take_whole(body)
     else:
         try:
             raw = await request.read()
@@ -66,6 +66,31 @@ async def read_json(
         return jsonutil.loads(raw)
     except jsonutil.JSONDecodeError as e:
         raise InvalidRequest(f"body is not valid JSON: {e}") from None
+
+
+def _take_whole(body: Any) -> bytes:
+    """All of a request body that has been received in full (aiohttp's StreamReader).
+
+    The usual case, one chunk and the connection's reading never paused, is taken from the
+    buffer directly: read_nowait() would then "resume" reading, which re-enters the
+    connection's data_received with b"" and costs an OB poll ~4% of its instructions for
+    nothing. Anything else (chunks, an offset, paused reading) goes through read_nowait().
+    """
+    buffer = body._buffer
+    if (
+        type(buffer) is deque
+        and len(buffer) == 1
+        and not body._buffer_offset
+        and not body._http_chunk_splits
+        and not body._protocol._reading_paused
+    ):
+        raw: bytes = buffer.popleft()
+        # What _read_nowait_chunk() keeps in step: bytes buffered, and bytes read so far.
+        body._size -= len(raw)
+        body._cursor += len(raw)
+        return raw
+    data: bytes = body.read_nowait()
+    return data
 
 
 def media_type(request: web.Request) -> str:

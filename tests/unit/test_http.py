@@ -1,4 +1,4 @@
-"""Request helpers: shielded Redis steps, background work, the wait parameter."""
+"""Request helpers: shielded Redis steps, background work, the wait parameter, bodies."""
 
 from __future__ import annotations
 
@@ -7,11 +7,12 @@ import logging
 
 import pytest
 from aiohttp import web
+from aiohttp.streams import StreamReader
 from aiohttp.test_utils import make_mocked_request
 
 from broker.appkeys import background_key
 from broker.errors import InvalidRequest
-from broker.http import finish, held, in_background, requested_wait
+from broker.http import _take_whole, finish, held, in_background, requested_wait
 
 
 def _request(path: str = "/", headers: dict[str, str] | None = None) -> web.Request:
@@ -78,3 +79,51 @@ def test_a_hold_is_spread_below_the_wait_never_above():
     assert all(24.0 <= h <= 30.0 for h in holds)
     # spread over the band, so clients that time out together drift apart
     assert max(holds) - min(holds) > 3.0
+
+
+class _Protocol:
+    """What an aiohttp StreamReader asks of its connection: flow control, recorded."""
+
+    def __init__(self) -> None:
+        self._reading_paused = False
+        self.calls: list[str] = []
+
+    def pause_reading(self) -> None:
+        self._reading_paused = True
+        self.calls.append("pause")
+
+    def resume_reading(self, resume_parser: bool = True) -> None:
+        self._reading_paused = False
+        self.calls.append("resume")
+
+
+def _body(*chunks: bytes, limit: int = 2**16) -> tuple[StreamReader, _Protocol]:
+    protocol = _Protocol()
+    body = StreamReader(protocol, limit, loop=asyncio.get_running_loop())  # type: ignore[arg-type]
+    for chunk in chunks:
+        body.feed_data(chunk)
+    body.feed_eof()
+    protocol.calls.clear()  # feed_eof resumes reading itself; only the read's calls count
+    return body, protocol
+
+
+async def test_a_body_in_one_chunk_is_taken_without_resuming_the_connection():
+    """The quick path (aiohttp's real StreamReader: a renamed attribute fails here)."""
+    body, protocol = _body(b'{"maxEvents": 1}')
+    assert _take_whole(body) == b'{"maxEvents": 1}'
+    assert protocol.calls == []  # no resume_reading, so no data_received(b"") re-entry
+    # the reader is left as read_nowait() would leave it: drained, at its end
+    assert body.read_nowait() == b"" and body.at_eof() and body._size == 0
+    assert body._cursor == len(b'{"maxEvents": 1}') == body.total_bytes
+
+
+async def test_a_body_in_several_chunks_or_with_reading_paused_is_read_as_before():
+    body, protocol = _body(b'{"ack": ', b'["a"]}')
+    assert _take_whole(body) == b'{"ack": ["a"]}' and body.at_eof()
+    assert "resume" in protocol.calls
+    # one chunk, but over the high-water mark: reading was paused and must be resumed
+    big = b"x" * 300
+    body, protocol = _body(big, limit=100)
+    protocol._reading_paused = True
+    assert _take_whole(body) == big and body.at_eof()
+    assert "resume" in protocol.calls and not protocol._reading_paused

@@ -55,9 +55,9 @@ def number(n: int) -> bytes:
 class PackedArgs:
     """Command arguments that recur unchanged from call to call, encoded once.
 
-    An OB poll without acks sends the same five numbers after its key every time; packing
-    them once saves hiredis's encoder most of its work (~13k of a poll's ~340k instructions
-    under callgrind). `args` is the plain form, for clients that encode for themselves.
+    An OB poll without acks sends the same five numbers after its key every time. Packed
+    once, the call skips building and encoding its argument list: 5% fewer instructions per
+    OB poll (callgrind). `args` is the plain form, for clients that encode for themselves.
     """
 
     __slots__ = ("args", "resp")

@@ -2,7 +2,7 @@
 .PHONY: install format lint mypy test run bench bench-quick bench-instructions all clean
 
 PYTHON ?= python3
-sources = broker tests
+sources = broker tests bench
 venv = .venv/bin
 
 install: .venv/installed

@@ -250,7 +250,9 @@ class WaiterWorker:
             headers["If-None-Match"] = w.etag
         return build_request("GET", w.path, HOST, headers=headers)
 
-    def _handle(self, w: Waiter, status: int, headers: dict[bytes, bytes], body: bytes, at: int):
+    def _handle(
+        self, w: Waiter, status: int, headers: dict[bytes, bytes], body: bytes, at: int
+    ) -> bool:
         marks: list[tuple[bytes, bytes, bytes]] = []
         c = self.counters
         if w.kind == "ob":
@@ -548,7 +550,7 @@ def worker_main(conn: Connection, role: str, spec: Spec, indices: list[int]) -> 
     try:
         import uvloop
 
-        loop = uvloop.new_event_loop()
+        loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
     except ImportError:
         loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)

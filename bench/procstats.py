@@ -69,7 +69,7 @@ def wakeups(pid: int, *, tree: bool = True) -> int:
 
 
 def _socket_inodes(pid: int) -> set[int]:
-    inodes = set()
+    inodes: set[int] = set()
     try:
         fds = os.listdir(f"/proc/{pid}/fd")
     except OSError:

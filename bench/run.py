@@ -83,6 +83,8 @@ QUICK = Params(
 
 class Worker:
     def __init__(self, ctx: SpawnContext, role: str, spec: Spec, indices: list[int]) -> None:
+        self.role = role
+        self.last = ""  # the command awaiting an answer, named when it times out
         self.conn, child = ctx.Pipe()
         self.proc = ctx.Process(
             target=loadgen.worker_main, args=(child, role, spec, indices), daemon=True
@@ -91,11 +93,14 @@ class Worker:
         child.close()
 
     def send(self, cmd: str, *args: Any) -> None:
+        self.last = cmd
         self.conn.send((cmd, list(args)))
 
     def recv(self, timeout: float = 180) -> Any:
         if not self.conn.poll(timeout):
-            raise TimeoutError("load generator did not answer in time")
+            raise TimeoutError(
+                f"load generator ({self.role}) did not answer {self.last!r} within {timeout:g} s"
+            )
         status, result = self.conn.recv()
         if status != "ok":
             raise RuntimeError(f"load generator: {result}")
@@ -114,7 +119,16 @@ class Worker:
             self.proc.join(5)
 
 
-def call_all(workers: list[Worker], cmd: str, *args: Any, per: list[Any] | None = None) -> list:
+def has_ob_routes(broker: Broker) -> bool:
+    """Whether this broker build serves OB polls and SET publishing (older commits did not)."""
+    return broker.has_route("POST", "/events") and broker.has_route(
+        "POST", "/publish/clients/x/sets"
+    )
+
+
+def call_all(
+    workers: list[Worker], cmd: str, *args: Any, per: list[Any] | None = None
+) -> list[Any]:
     for k, w in enumerate(workers):
         w.send(cmd, *(per[k] if per is not None else args))
     return [w.recv() for w in workers]
@@ -491,7 +505,9 @@ def _lua_str(s: str | bytes) -> str:
     return "[==[" + s + "]==]"
 
 
-def wrk(port: int, reqs: list[ReqSpec], duration_s: float, conns: int, work: Path) -> dict:
+def wrk(
+    port: int, reqs: list[ReqSpec], duration_s: float, conns: int, work: Path
+) -> dict[str, Any]:
     lines = []
     for method, path, headers, body in reqs:
         # spaces inside [ ... ]: "[[" would open a Lua long string
@@ -534,11 +550,13 @@ def wrk(port: int, reqs: list[ReqSpec], duration_s: float, conns: int, work: Pat
     }
 
 
-def pygen(port: int, reqs: list[ReqSpec], duration_s: float, conns: int, work: Path) -> dict:
+def pygen(
+    port: int, reqs: list[ReqSpec], duration_s: float, conns: int, work: Path
+) -> dict[str, Any]:
     """Closed-loop fallback generator when wrk is missing (reports lower rates than wrk)."""
     raw = [build_request(m, p, HOST, headers=h, body=b) for m, p, h, b in reqs]
 
-    async def main() -> dict:
+    async def main() -> dict[str, Any]:
         counts: collections.Counter[str] = collections.Counter()
         stop = time.monotonic() + duration_s
 
@@ -781,7 +799,7 @@ def machine_info(redis_url: str) -> dict[str, Any]:
     with contextlib.suppress(ImportError):
         import uvloop
 
-        info["uvloop"] = uvloop.__version__
+        info["uvloop"] = getattr(uvloop, "__version__", "?")
     return info
 
 
@@ -902,9 +920,7 @@ def main(argv: list[str] | None = None) -> int:
                 server: Server = start(Broker(work, redis_url, broker_data, broker_env, src))
                 assert isinstance(server, Broker)
                 results["broker_process"] = server.process_info()
-                ob_available = server.has_route("POST", "/events") and server.has_route(
-                    "POST", "/publish/clients/x/sets"
-                )
+                ob_available = has_ob_routes(server)
                 if not ob_available:
                     notes.append(
                         "OB endpoints (POST /events, /publish/clients/{id}/sets) are not "
@@ -965,6 +981,9 @@ def main(argv: list[str] | None = None) -> int:
         }
         broker = start(Broker(work, redis.client_url, broker_data, tput_env, src))
         assert isinstance(broker, Broker)
+        if "broker" not in targets:  # not asked yet: its long polls were not run
+            ob_available = has_ob_routes(broker)
+            results["ob_available"] = ob_available
         issuer = Issuer(str(broker_data))
         producer = issuer.producer()
         q = p.tput_queues

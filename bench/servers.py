@@ -266,9 +266,9 @@ def ensure_tools(install: bool = True) -> dict[str, str]:
             if "wrk" in missing:
                 notes["wrk"] = why
     if not notes["nginx"] and not (shutil.which("nginx") and nchan_module()):
-        notes["nginx"] = notes["nginx"] or "nginx with the nchan module was not found"
+        notes["nginx"] = "nginx with the nchan module was not found"
     if not notes["wrk"] and not shutil.which("wrk"):
-        notes["wrk"] = notes["wrk"] or "wrk was not found"
+        notes["wrk"] = "wrk was not found"
     return notes
 
 

@@ -119,6 +119,15 @@ class Worker:
             self.proc.join(5)
 
 
+_T0 = time.monotonic()
+
+
+def say(message: str) -> None:
+    """A progress line, stamped with the seconds since the run began (which phase takes how
+    long differs from machine to machine)."""
+    print(f"[{time.monotonic() - _T0:6.1f} s] {message}", flush=True)
+
+
 def has_ob_routes(broker: Broker) -> bool:
     """Whether this broker build serves OB polls and SET publishing (older commits did not)."""
     return broker.has_route("POST", "/events") and broker.has_route(
@@ -236,7 +245,7 @@ def long_poll_scenario(
             time.sleep(0.5)
             s = sampler.sample()
             curve.append({"waiters": k, "rss": s["rss"], "waiting": got})
-            print(f"  {label}: {k} waiters open (server holds {got})", flush=True)
+            say(f"  {label}: {k} waiters open (server holds {got})")
         time.sleep(1.0)  # let the last connections settle before measuring idle CPU
         idle_before = _merge([r["counters"] for r in call_all(workers, "stats")])
         s_full = sampler.sample()
@@ -264,17 +273,17 @@ def long_poll_scenario(
             "fds": s_idle["fds"],
             "curve": curve,
         }
-        print(
+        say(
             f"  {label}: idle {out['idle']['kb_per_waiter']} KB/waiter, "
             f"cpu {out['idle']['cpu_pct']}% ({out['idle']['wakeups_per_s']} wake-ups/s), "
-            f"redis conns {s_idle['redis_conns']}",
-            flush=True,
+            f"redis conns {s_idle['redis_conns']}"
         )
 
         # wake-up latency under publishing, with time-outs and re-polls during the run
         call_all(workers, "record", True)
         before = call_all(workers, "stats")
         m0 = server.metrics() if isinstance(server, Broker) else {}
+        say(f"  {label}: publishing {p.rate:g}/s for {p.duration_s:g} s")
         publisher.send("publish", n, p.rate, p.duration_s, p.pub_conns)
         samples = [sampler.sample()]
         deadline = time.monotonic() + p.duration_s + 90
@@ -305,6 +314,7 @@ def long_poll_scenario(
         )
 
         # disconnect hygiene: every client vanishes at once
+        say(f"  {label}: drained in {drain_s:.1f} s; every client vanishes")
         wait_waiting(server, n, 10)
         pre = sampler.sample()
         t_abort = time.monotonic()
@@ -374,12 +384,11 @@ def long_poll_scenario(
             }
         )
         w = out["wake"]
-        print(
+        say(
             f"  {label}: wake p50 {w['latency_ms'].get('p50')} p99 {w['latency_ms'].get('p99')} ms,"
             f" delivered {w['delivered']}/{w['published_ok']}, late {w['late_1s']},"
             f" stranded {w['stranded']}, lost {w['lost']}, dup {w['duplicates']};"
-            f" hygiene {out['hygiene']['seconds_to_clear']} s",
-            flush=True,
+            f" hygiene {out['hygiene']['seconds_to_clear']} s"
         )
     finally:
         for wk in [*workers, publisher]:
@@ -838,7 +847,8 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, terminate)
     signal.signal(signal.SIGHUP, terminate)
-    started = time.monotonic()
+    global _T0
+    started = _T0 = time.monotonic()
     stamp = dt.datetime.now(dt.UTC)
     work = REPO / "bench" / "work" / stamp.strftime("%Y%m%dT%H%M%S")
     work.mkdir(parents=True, exist_ok=True)
@@ -903,7 +913,7 @@ def main(argv: list[str] | None = None) -> int:
         if "nchan" in targets:
             results["machine"]["nginx"] = nginx_version()
             results["machine"]["nchan"] = nchan_version()
-        print(f"bench: {results['mode']} run, Redis at {redis_url}, work dir {work}", flush=True)
+        say(f"bench: {results['mode']} run, Redis at {redis_url}, work dir {work}")
         broker_data = work / "broker"
         Issuer(str(broker_data))  # create the dev issuer key before any process reads it
         broker_env = {
@@ -915,7 +925,7 @@ def main(argv: list[str] | None = None) -> int:
 
         # scenarios 1, 2, 5 per long-poll target
         for name in targets:
-            print(f"bench: long polls on {name}", flush=True)
+            say(f"bench: long polls on {name}")
             if name == "broker":
                 server: Server = start(Broker(work, redis_url, broker_data, broker_env, src))
                 assert isinstance(server, Broker)
@@ -948,7 +958,7 @@ def main(argv: list[str] | None = None) -> int:
                     server, spec, p, ctx, redis.port, name
                 )
             except Exception as e:  # one target failing must not lose the others' results
-                print(f"  {name}: FAILED: {type(e).__name__}: {e}", flush=True)
+                say(f"  {name}: FAILED: {type(e).__name__}: {e}")
                 results["long_poll"][name] = {"target": name, "error": f"{type(e).__name__}: {e}"}
             finally:
                 stop(server)
@@ -959,20 +969,19 @@ def main(argv: list[str] | None = None) -> int:
             rate = r.get("idle", {}).get("wakeups_per_s", 0)
             if rate >= 1:
                 r["idle"]["sleeper_cpu_pct"] = sleeper_cpu(rate, p.idle_s)
-                print(
+                say(
                     f"  {r['target']}: an event loop that only sleeps, waking {rate}/s: "
-                    f"{r['idle']['sleeper_cpu_pct']}% CPU",
-                    flush=True,
+                    f"{r['idle']['sleeper_cpu_pct']}% CPU"
                 )
 
         # scenario 3: poll throughput, and 4: SET throughput
-        print("bench: throughput", flush=True)
+        say("bench: throughput")
         tp = Throughput(p, work, have_wrk=not tools["wrk"])
         tput = results["throughput"]
         trivial = start(Baseline(work, "trivial"))
         tput["trivial"] = tp.measure(trivial, [("GET", "/", {}, b"")])
         stop(trivial)
-        print(f"  trivial aiohttp: {tput['trivial']['rps']:.0f} req/s", flush=True)
+        say(f"  trivial aiohttp: {tput['trivial']['rps']:.0f} req/s")
 
         tput_env = {**broker_env, "BROKER_QUEUES_MAX_BATCH": "1"}
         results["broker_redis_transport"] = {
@@ -1033,6 +1042,7 @@ def main(argv: list[str] | None = None) -> int:
                 tput[prefix + "ob_nonempty"] = tp.measure(server, ob_polls(tok_full, 1))
                 tput[prefix + "ob_empty"] = tp.measure(server, ob_polls(tok_empty, 100))
 
+        say(f"  broker: short polls (Redis over {'Unix socket' if redis.unix_socket else 'TCP'})")
         short_polls(broker, "broker_")
         if redis.unix_socket:
             # Right after, the same polls with the broker on TCP loopback (as with a Redis on
@@ -1041,6 +1051,7 @@ def main(argv: list[str] | None = None) -> int:
             broker = start(Broker(work, redis_url, broker_data, tput_env, src))
             assert isinstance(broker, Broker)
             preload_oxlin(broker, producer, full_users, per_queue)
+            say("  broker: short polls over TCP")
             short_polls(broker, "broker_tcp_")
             stop(broker)
             broker = start(Broker(work, redis.client_url, broker_data, tput_env, src))
@@ -1048,7 +1059,7 @@ def main(argv: list[str] | None = None) -> int:
 
         if ob_available:
             # scenario 4: SET signing and delivery
-            print("bench: SET throughput", flush=True)
+            say("bench: SET throughput")
             sets: dict[str, Any] = {"pyjwt_ps256_per_s": round(pyjwt_ps256_rate(p.sign_s), 1)}
             names = [f"setc{i}" for i in range(p.sets_clients)]
             tokens = ob_clients(broker, issuer, names)
@@ -1060,6 +1071,7 @@ def main(argv: list[str] | None = None) -> int:
             results["sets"]["pyjwt_ps256_per_s"] = round(pyjwt_ps256_rate(p.sign_s), 1)
         stop(broker)
 
+        say("  in-memory aiohttp: short polls")
         memlp = start(Baseline(work, "memlp", "--max-batch", "1"))
         reqs = []
         for i in range(q):
@@ -1079,6 +1091,7 @@ def main(argv: list[str] | None = None) -> int:
         stop(memlp)
 
         if "nchan" in targets:
+            say("  Nchan: short polls")
             nchan = start(Nchan(work, redis.port, int(p.max_wait_s)))
             setup_requests(
                 nchan.port,
@@ -1095,7 +1108,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             stop(nchan)
         for k, v in tput.items():
-            print(f"  {k}: {v['rps']:.0f} req/s", flush=True)
+            say(f"  {k}: {v['rps']:.0f} req/s")
     finally:
         for s in list(servers):
             with contextlib.suppress(Exception):

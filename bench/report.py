@@ -353,6 +353,7 @@ def plot(results: dict[str, Any], base: Path) -> list[Path]:
 def _process(results: dict[str, Any]) -> str:
     info = results.get("broker_process") or {}
     parts = [f"{k} {info[k]}" for k in ("allocator", "loop") if info.get(k)]
+    parts += [f"{k}={v}" for k, v in (results.get("broker_env") or {}).items()]
     return f" ({', '.join(parts)})" if parts else ""
 
 

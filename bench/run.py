@@ -846,6 +846,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--no-ob", action="store_true", help="broker waiters use Oxlin only (not half OB)"
     )
+    parser.add_argument(
+        "--broker-env",
+        action="append",
+        default=[],
+        metavar="BROKER_SECTION_KEY=VALUE",
+        help="a setting for the broker's processes (repeatable), e.g. BROKER_SIGNING_THREADS=1",
+    )
     parser.add_argument("--waiters", type=int, help="override the number of waiters")
     parser.add_argument("--duration", type=float, help="override the publish duration (s)")
     parser.add_argument("--out", default=str(RESULTS), help="results directory")
@@ -857,6 +864,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     p = QUICK if args.quick else FULL
+    extra_env: dict[str, str] = {}
+    for item in args.broker_env:
+        key, sep, value = item.partition("=")
+        if not sep or not key.startswith("BROKER_"):
+            parser.error(f"--broker-env takes BROKER_SECTION_KEY=VALUE, not {item!r}")
+        extra_env[key] = value
     if args.waiters:
         p = replace(p, waiters=args.waiters)
     if args.duration:
@@ -903,6 +916,7 @@ def main(argv: list[str] | None = None) -> int:
         "mode": "quick" if args.quick else "full",
         "params": asdict(p),
         "broker_commit": commit + (" + uncommitted changes" if dirty else ""),
+        "broker_env": extra_env,
         "notes": notes,
         "long_poll": {},
         "throughput": {},
@@ -942,6 +956,7 @@ def main(argv: list[str] | None = None) -> int:
             "BROKER_POLL_MAX_WAIT_S": str(p.max_wait_s),
             # OB long polls cannot ask for a hold: they get the server default, the maximum
             "BROKER_POLL_DEFAULT_WAIT_S": str(p.max_wait_s),
+            **extra_env,
         }
         ob_available = False
 

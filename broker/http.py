@@ -74,14 +74,17 @@ def _take_whole(body: Any) -> bytes:
     The usual case, one chunk and the connection's reading never paused, is taken from the
     buffer directly: read_nowait() would then "resume" reading, which re-enters the
     connection's data_received with b"": 2% of an OB poll's instructions (callgrind), for
-    nothing. Anything else (chunks, an offset, paused reading) goes through read_nowait().
+    nothing. Anything else (no body, chunks, an offset, a reset connection, paused reading) goes
+    through read_nowait().
     """
-    buffer = body._buffer
+    # getattr: aiohttp's EMPTY_PAYLOAD (a request with no body) has no buffer at all.
+    buffer = getattr(body, "_buffer", None)
     if (
         type(buffer) is deque
         and len(buffer) == 1
         and not body._buffer_offset
         and not body._http_chunk_splits
+        and body._exception is None  # the client left: read_nowait() raises, and so must we
         and not body._protocol._reading_paused
     ):
         raw: bytes = buffer.popleft()

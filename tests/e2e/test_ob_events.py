@@ -64,6 +64,16 @@ async def test_38_non_json_body_is_400_ob_error(client, auth):
     assert err["Errors"][0]["ErrorCode"] == "UK.OBIE.Resource.InvalidFormat"
 
 
+async def test_38_a_poll_with_no_body_is_400_and_changes_nothing(client, auth):
+    a, jtis = await setup_abc(client, auth)
+    r = await a.poll(data=b"", headers={"Content-Type": "application/json"})
+    assert r.status == 400
+    assert r.json()["Errors"][0]["ErrorCode"] == "UK.OBIE.Resource.InvalidFormat"
+    assert "empty" in r.json()["Errors"][0]["Message"]
+    sets, _ = await a.poll_ok({"returnImmediately": True})
+    assert list(sets) == jtis  # nothing was leased or acked by the refused poll
+
+
 async def test_38_json_that_is_not_an_object_is_400(client, auth):
     a, _ = await setup_abc(client, auth)
     r = await a.poll([1, 2])

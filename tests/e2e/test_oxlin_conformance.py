@@ -57,6 +57,13 @@ async def test_case04_malformed_json_is_400(client, auth):
     assert "JSON" in (await r.json())["message"]
 
 
+async def test_case04_an_empty_body_is_400(client, auth):
+    for body in (b"", b"  "):
+        r = await client.post("/queues/subscribe", data=body, headers=auth("u1"))
+        assert r.status == 400, body
+        assert "empty" in (await r.json())["message"]
+
+
 async def test_case05_missing_or_mistyped_topics_is_400(client, auth):
     for body in (b"{}", b'{"topics":[]}', b'{"topics":"connections"}', b"[]", b'{"topics":[1]}'):
         r = await client.post("/queues/subscribe", data=body, headers=auth("u1"))

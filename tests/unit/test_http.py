@@ -7,7 +7,8 @@ import logging
 
 import pytest
 from aiohttp import web
-from aiohttp.streams import StreamReader
+from aiohttp.base_protocol import BaseProtocol
+from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from aiohttp.test_utils import make_mocked_request
 
 from broker.appkeys import background_key
@@ -117,13 +118,51 @@ async def test_a_body_in_one_chunk_is_taken_without_resuming_the_connection():
     assert body._cursor == len(b'{"maxEvents": 1}') == body.total_bytes
 
 
-async def test_a_body_in_several_chunks_or_with_reading_paused_is_read_as_before():
+def _several_chunks() -> tuple[StreamReader, _Protocol, bytes]:
     body, protocol = _body(b'{"ack": ', b'["a"]}')
-    assert _take_whole(body) == b'{"ack": ["a"]}' and body.at_eof()
-    assert "resume" in protocol.calls
-    # one chunk, but over the high-water mark: reading was paused and must be resumed
-    big = b"x" * 300
-    body, protocol = _body(big, limit=100)
+    return body, protocol, b'{"ack": ["a"]}'
+
+
+def _chunked() -> tuple[StreamReader, _Protocol, bytes]:
+    """Transfer-Encoding: chunked, in one piece: its chunk boundaries are kept."""
+    protocol = _Protocol()
+    body = StreamReader(protocol, 2**16, loop=asyncio.get_running_loop())  # type: ignore[arg-type]
+    body.begin_http_chunk_receiving()
+    body.feed_data(b'{"a": 1}')
+    body.end_http_chunk_receiving()
+    body.feed_eof()
+    return body, protocol, b'{"a": 1}'
+
+
+def _partly_read() -> tuple[StreamReader, _Protocol, bytes]:
+    body, protocol = _body(b'{"a": 1}')
+    assert body.read_nowait(1) == b"{"
+    return body, protocol, b'"a": 1}'
+
+
+def _paused() -> tuple[StreamReader, _Protocol, bytes]:
+    """One chunk, with the connection's reading paused (another pipelined request's doing)."""
+    body, protocol = _body(b'{"a": 1}')
     protocol._reading_paused = True
-    assert _take_whole(body) == big and body.at_eof()
-    assert "resume" in protocol.calls and not protocol._reading_paused
+    return body, protocol, b'{"a": 1}'
+
+
+@pytest.mark.parametrize("make", [_several_chunks, _chunked, _partly_read, _paused])
+async def test_other_bodies_are_read_by_read_nowait_as_before(make):
+    body, protocol, expected = make()
+    protocol.calls.clear()
+    assert _take_whole(body) == expected and body.at_eof()
+    assert "resume" in protocol.calls  # read_nowait() ran, with its flow control
+
+
+async def test_no_body_reads_as_empty_and_a_reset_connection_raises():
+    assert _take_whole(EMPTY_PAYLOAD) == b""
+    body, _ = _body(b'{"a": 1}')
+    body.set_exception(ConnectionResetError("client gone"))
+    with pytest.raises(ConnectionResetError):
+        _take_whole(body)
+
+
+def test_the_flag_the_quick_path_reads_is_aiohttp_s():
+    """_Protocol stands in for aiohttp's connection: the attribute must be the real one's."""
+    assert "_reading_paused" in BaseProtocol.__slots__

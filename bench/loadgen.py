@@ -34,6 +34,9 @@ import orjson
 
 from bench.httpraw import Client, ConnectionClosed, build_request, connect
 
+# What one read of the lost/stranded sweep may take (WaiterWorker.sweep).
+SWEEP_LIMIT_S = 5.0
+
 MARK = re.compile(rb"BENCH\.(\d+)\.(\d+)\.(\d+)")
 HOST = "127.0.0.1"
 
@@ -362,7 +365,8 @@ class WaiterWorker:
     async def sweep(self, only: list[int]) -> dict[str, Any]:
         """Immediate polls of the queues of waiters `only` (those that were published events
         they did not receive): what is still stored but was never delivered ("found", as
-        (waiter, seq, reader)), and the reads that failed ("errors", by kind).
+        (waiter, seq, reader)), the reads that failed ("errors", by kind) and whose queues
+        they were ("failed": their undelivered events are unverified, not lost).
 
         Each read may take SWEEP_LIMIT_S: an immediate poll answers in milliseconds, but
         Nchan's intervalpoll never answered some channels after their long-poll clients
@@ -378,14 +382,23 @@ class WaiterWorker:
             for w in waiters:
                 w.path = w.path.replace("/sub/", "/poll/", 1)
 
+        failed: list[int] = []
+
         def one(w: Waiter) -> Callable[[Client], Any]:
             async def go(client: Client) -> str | None:
                 for _ in range(100):  # bounded: each poll returns a batch (Nchan: one)
-                    resp = await client.request(
-                        self._poll_request(w, immediate=True), limit_s=SWEEP_LIMIT_S
-                    )
+                    try:
+                        resp = await client.request(
+                            self._poll_request(w, immediate=True), limit_s=SWEEP_LIMIT_S
+                        )
+                    except (ConnectionClosed, OSError, TimeoutError):
+                        failed.append(w.i)
+                        raise  # counted by run_bounded
                     if resp.status != 200:
-                        return None if resp.status in (204, 304) else f"sweep {resp.status}"
+                        if resp.status in (204, 304):
+                            return None
+                        failed.append(w.i)
+                        return f"sweep {resp.status}"
                     if w.kind == "ob":
                         sets = orjson.loads(resp.body).get("sets") or {}
                         w.acks = list(sets)
@@ -403,10 +416,7 @@ class WaiterWorker:
             return go
 
         errors = await run_bounded([one(w) for w in waiters], self.spec.port, concurrency=128)
-        return {"found": found, "errors": dict(errors)}
-
-
-SWEEP_LIMIT_S = 5.0
+        return {"found": found, "errors": dict(errors), "failed": failed}
 
 
 async def run_bounded(

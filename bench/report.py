@@ -76,8 +76,16 @@ def check_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         )
         bad = {
             k: wake[k]
-            for k in ("lost", "stranded", "duplicates", "misrouted", "late_1s", "unexpected")
-            if wake[k]
+            for k in (
+                "lost",
+                "unverified",
+                "stranded",
+                "duplicates",
+                "misrouted",
+                "late_1s",
+                "unexpected",
+            )
+            if wake.get(k)
         }
         fails = sum(wake["publish_failures"].values()) if wake["publish_failures"] else 0
         row(
@@ -185,7 +193,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"{p['wait_s'] * (1 - p['jitter']):.0f}-{p['wait_s']:.0f} s (Nchan: a "
         f"{p['max_wait_s']:.0f} s subscriber timeout); clients re-poll at once, so time-outs "
         "happen during the run. Then every client vanishes (TCP reset). Lost: not delivered "
-        "by the end of the drain and not found by an immediate read afterwards.",
+        "by the end of the drain and not found by an immediate read afterwards (unread: "
+        "that read failed or got no answer).",
         "",
         "| target | KB / waiter | Redis conns | idle CPU | latency p50 / p90 / p99 / max (ms) "
         "| CPU publishing | delivered | late >1 s | stranded | lost | dup | vanish → released "
@@ -205,7 +214,7 @@ def markdown(results: dict[str, Any]) -> str:
             f"| {LABELS[name]} | {i['kb_per_waiter']} | {conns} | {i['cpu_pct']}% | "
             f"{_fmt_lat(w['latency_ms'])} | {w.get('cpu_pct', '?')}% | "
             f"{w['delivered']:,} / {w['published_ok']:,} | "
-            f"{w['late_1s']} | {w['stranded']} | {w['lost']} | {w['duplicates']} | "
+            f"{w['late_1s']} | {w['stranded']} | {_lost(w)} | {w['duplicates']} | "
             f"{h['seconds_to_clear']} s | {_kept(h)} |"
         )
     by_api = ((results["long_poll"].get("broker") or {}).get("wake") or {}).get("latency_by_api_ms")
@@ -355,6 +364,12 @@ def _process(results: dict[str, Any]) -> str:
     parts = [f"{k} {info[k]}" for k in ("allocator", "loop") if info.get(k)]
     parts += [f"{k}={v}" for k, v in (results.get("broker_env") or {}).items()]
     return f" ({', '.join(parts)})" if parts else ""
+
+
+def _lost(w: dict[str, Any]) -> str:
+    """Lost events, and beside them those whose queue could not be read afterwards."""
+    unread = w.get("unverified", 0)
+    return f"{w['lost']}" + (f" (+{unread} unread)" if unread else "")
 
 
 def _kept(h: dict[str, Any]) -> str:

@@ -371,6 +371,7 @@ def long_poll_scenario(
         swept = call_all(workers, "sweep", unfinished, timeout=600)
         sweep = [r for part in swept for r in part["found"]]
         sweep_errors = _merge([part["errors"] for part in swept])
+        unread = {i for part in swept for i in part["failed"]}
         say(
             f"  {label}: read the queues of {len(unfinished)} waiters missing events"
             f" in {time.monotonic() - t_sweep:.1f} s"
@@ -378,7 +379,7 @@ def long_poll_scenario(
         )
         counters = _merge([a["counters"] for a in after])
         counters_before = _merge([b["counters"] for b in before])
-        out["wake"] = analyze(pub, received, sweep, spec)
+        out["wake"] = analyze(pub, received, sweep, spec, unread)
         out["wake"]["timeline"] = timeline(pub, received, timeouts, p)
         out["wake"].update(
             {
@@ -423,7 +424,11 @@ def analyze(
     received: list[tuple[int, int, int, int]],
     sweep: list[tuple[int, int, int]],
     spec: Spec,
+    unread: set[int] | frozenset[int] = frozenset(),
 ) -> dict[str, Any]:
+    """Per published event: delivered (first time), late, duplicated, misrouted; of those never
+    delivered, stranded (found by the sweep), unverified (their queue's sweep read failed,
+    waiters `unread`) or lost."""
     ok = {s: w for w, s in pub["ok"]}
     first: dict[int, int] = {}
     duplicates = misrouted = unexpected = 0
@@ -441,7 +446,9 @@ def analyze(
     lats = sorted(first.values())
     swept = {s for _w, s, _r in sweep}
     stranded = sum(1 for s in swept if s in ok and s not in first)
-    lost = sum(1 for s in ok if s not in first and s not in swept)
+    missing = [s for s in ok if s not in first and s not in swept]
+    unverified = sum(1 for s in missing if ok[s] in unread)
+    lost = len(missing) - unverified
     result = {
         "published_attempted": pub["attempted"],
         "published_ok": len(ok),
@@ -451,6 +458,7 @@ def analyze(
         "late_1s": sum(1 for x in lats if x > 1_000_000_000),
         "stranded": stranded,
         "lost": lost,
+        "unverified": unverified,
         "duplicates": duplicates,
         "misrouted": misrouted,
         "unexpected": unexpected,
@@ -851,7 +859,7 @@ def main(argv: list[str] | None = None) -> int:
         action="append",
         default=[],
         metavar="BROKER_SECTION_KEY=VALUE",
-        help="a setting for the broker's processes (repeatable), e.g. BROKER_SIGNING_THREADS=1",
+        help="a setting for the broker's processes (repeatable), e.g. BROKER_SIGNING_PROCESSES=1",
     )
     parser.add_argument("--waiters", type=int, help="override the number of waiters")
     parser.add_argument("--duration", type=float, help="override the publish duration (s)")
@@ -870,6 +878,14 @@ def main(argv: list[str] | None = None) -> int:
         if not sep or not key.startswith("BROKER_"):
             parser.error(f"--broker-env takes BROKER_SECTION_KEY=VALUE, not {item!r}")
         extra_env[key] = value
+    if extra_env:  # a broker that refuses its settings would fail the run minutes in
+        from broker.config import load_settings
+        from broker.errors import ConfigError
+
+        try:
+            load_settings(REPO / "config" / "broker.toml", environ=extra_env)
+        except ConfigError as e:
+            parser.error(f"--broker-env: {e}")
     if args.waiters:
         p = replace(p, waiters=args.waiters)
     if args.duration:
@@ -999,7 +1015,8 @@ def main(argv: list[str] | None = None) -> int:
                     notes.append(
                         f"{name}: {sum(failed.values())} immediate reads of queues with missing"
                         f" events failed or got no answer within {loadgen.SWEEP_LIMIT_S:g} s"
-                        f" ({failed}); the events they would have found count as lost."
+                        f" ({failed}); their undelivered events are shown as unread beside"
+                        " the lost ones: neither delivered nor found."
                     )
             except Exception as e:  # one target failing must not lose the others' results
                 say(f"  {name}: FAILED: {type(e).__name__}: {e}")

@@ -145,12 +145,13 @@ class SetStore:
         tag = keyspace.client_tag(client_id)
         args: Args
         if ack or set_errs:
-            args = self._poll_args(limit, ack, set_errs or {})
+            args = self._poll_args(limit, ack, set_errs)
         else:
             plain = self._plain_polls.get(limit)
             if plain is None:
                 plain = PackedArgs(tuple(self._poll_args(limit)))
-                if len(self._plain_polls) < 1024:  # limits come from requests: bounded
+                # The handler caps limit at events.max_events; other callers may not.
+                if len(self._plain_polls) < 1024:
                     self._plain_polls[limit] = plain
             args = plain
         # One key: the script names the client's other keys after it (keyspace.py).
@@ -187,8 +188,7 @@ class SetStore:
         if errs:
             now_ms = int(time.time() * 1000)
             for jti, (err, description) in errs.items():
-                # Escaped here, where a JSON encoder is at hand; the script only prepends the
-                # JWS.
+                # Escaped here, where a JSON encoder is at hand (the script only adds the JWS).
                 record = {"err": err, "description": description, "at": now_ms}
                 args += (jti, jsonutil.dumps(record))
         return args

@@ -1,0 +1,31 @@
+"""The benchmark kit's per-event accounting: delivered, stranded, unread (unverified), lost."""
+
+from __future__ import annotations
+
+from bench import report
+from bench.loadgen import Spec
+from bench.run import analyze
+
+
+def _pub(*pairs: tuple[int, int]) -> dict[str, object]:
+    return {"ok": [list(p) for p in pairs], "attempted": len(pairs), "failures": {}, "unrouted": 0}
+
+
+def test_undelivered_events_are_stranded_unverified_or_lost_by_what_the_sweep_saw():
+    # events 1-4 for waiters 0-3; only event 1 arrives (1 ms late, at its own waiter)
+    pub = _pub((0, 1), (1, 2), (2, 3), (3, 4))
+    received = [(0, 1, 1_000_000, 0)]
+    sweep = [(1, 2, 1)]  # the sweep found event 2 still stored in waiter 1's queue
+    spec = Spec(target="memlp", port=0, prefix="t")
+    w = analyze(pub, received, sweep, spec, unread={2})  # waiter 2's queue could not be read
+    assert (w["delivered"], w["stranded"], w["unverified"], w["lost"]) == (1, 1, 1, 1)
+    assert w["duplicates"] == w["misrouted"] == w["unexpected"] == 0
+    # without failed reads, what is neither delivered nor found is lost, as before
+    w = analyze(pub, received, sweep, spec)
+    assert (w["stranded"], w["unverified"], w["lost"]) == (1, 0, 2)
+
+
+def test_the_lost_column_shows_unread_events_beside_the_lost_ones():
+    assert report._lost({"lost": 3, "unverified": 0}) == "3"
+    assert report._lost({"lost": 0, "unverified": 156}) == "0 (+156 unread)"
+    assert report._lost({"lost": 2}) == "2"  # results written before the split

@@ -39,6 +39,25 @@ def rss_bytes(pid: int, *, tree: bool = True) -> int:
     return total
 
 
+def machine_cpu() -> tuple[int, int]:
+    """(steal, total) clock ticks of all the machine's CPUs since boot (/proc/stat's "cpu"
+    line); (0, 0) where there is no such file."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return 0, 0
+    # user nice system idle iowait irq softirq steal [guest guest_nice]: guest time is
+    # already inside user and nice, so it is not added again.
+    return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
+
+
+def steal_pct(before: tuple[int, int], after: tuple[int, int]) -> float | None:
+    """The share of the machine's CPU time between two machine_cpu() readings that the
+    hypervisor gave to other guests (a virtual machine's "steal"), in %; None if unknown."""
+    total = after[1] - before[1]
+    return round((after[0] - before[0]) * 100 / total, 1) if total > 0 else None
+
+
 def cpu_seconds(pid: int, *, tree: bool = True) -> float:
     """user + system CPU seconds consumed so far by the process (and its descendants)."""
     total = 0

@@ -183,7 +183,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"Python {m.get('python')}, aiohttp {m.get('aiohttp')}, uvloop {m.get('uvloop', '-')}, "
         f"{m.get('redis_server', 'Redis ?')}"
         + (f", nginx {m['nginx']} + nchan {m['nchan']}" if m.get("nginx") else "")
-        + ". Load generator, servers and Redis share the machine.",
+        + ". Load generator, servers and Redis share the machine."
+        + _stolen(m.get("steal_pct")),
         "",
         f"Broker: commit {results.get('broker_commit', '?')}{_process(results)}.",
         "",
@@ -212,7 +213,9 @@ def markdown(results: dict[str, Any]) -> str:
         conns = "-" if name == "memlp" else f"{i['redis_conns']} / {w['redis_conns_max']}"
         out.append(
             f"| {LABELS[name]} | {i['kb_per_waiter']} | {conns} | {i['cpu_pct']}% | "
-            f"{_fmt_lat(w['latency_ms'])} | {w.get('cpu_pct', '?')}% | "
+            f"{_fmt_lat(w['latency_ms'])} | {w.get('cpu_pct', '?')}%"
+            + (f" (stolen {w['steal_pct']}%)" if w.get("steal_pct") is not None else "")
+            + " | "
             f"{w['delivered']:,} / {w['published_ok']:,} | "
             f"{w['late_1s']} | {w['stranded']} | {_lost(w)} | {w['duplicates']} | "
             f"{h['seconds_to_clear']} s | {_kept(h)} |"
@@ -227,8 +230,8 @@ def markdown(results: dict[str, Any]) -> str:
         "Short polls (wrk, "
         f"{p['tput_conns']} connections over {p['tput_queues']} queues, {p['tput_s']:.0f} s each):",
         "",
-        "| scenario | req/s | vs trivial aiohttp | server CPU |",
-        "|---|---|---|---|",
+        "| scenario | req/s | vs trivial aiohttp | server CPU | stolen |",
+        "|---|---|---|---|---|",
     ]
     transport = results.get("broker_redis_transport", {})
     if transport.get("throughput") == "unix":
@@ -264,7 +267,7 @@ def markdown(results: dict[str, Any]) -> str:
         ratio = f"{r['rps'] / triv:.0%}" if triv else "-"
         out.append(
             f"| {names.get(key, key)}{extra} | {r['rps']:,.0f} | {ratio} | "
-            f"{r.get('server_cpu_pct', '-')}% |"
+            f"{r.get('server_cpu_pct', '-')}% | {_pct(r.get('steal_pct'))} |"
         )
     s = results.get("sets", {})
     out.append("")
@@ -364,6 +367,20 @@ def _process(results: dict[str, Any]) -> str:
     parts = [f"{k} {info[k]}" for k in ("allocator", "loop") if info.get(k)]
     parts += [f"{k}={v}" for k, v in (results.get("broker_env") or {}).items()]
     return f" ({', '.join(parts)})" if parts else ""
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value}%"
+
+
+def _stolen(pct: float | None) -> str:
+    """The machine line's note of CPU time the hypervisor gave to other guests."""
+    if pct is None:
+        return ""
+    return (
+        f" Over the run the hypervisor gave {pct}% of the machine's CPU time to other guests"
+        " (steal, /proc/stat; per scenario in the tables)."
+    )
 
 
 def _lost(w: dict[str, Any]) -> str:

@@ -293,6 +293,7 @@ def long_poll_scenario(
         before = call_all(workers, "stats")
         m0 = server.metrics() if isinstance(server, Broker) else {}
         say(f"  {label}: publishing {p.rate:g}/s for {p.duration_s:g} s")
+        steal0 = procstats.machine_cpu()
         publisher.send("publish", n, p.rate, p.duration_s, p.pub_conns)
         samples = [sampler.sample()]
         deadline = time.monotonic() + p.duration_s + 90
@@ -301,6 +302,7 @@ def long_poll_scenario(
             if time.monotonic() > deadline:
                 raise TimeoutError("publisher did not finish")
         pub = publisher.recv()
+        publish_steal = procstats.steal_pct(steal0, procstats.machine_cpu())
         samples.append(sampler.sample())
         ok_count = len(pub["ok"])
         t_drain = time.monotonic()
@@ -390,6 +392,7 @@ def long_poll_scenario(
                 "sweep_waiters": len(unfinished),
                 "sweep_errors": sweep_errors,
                 "cpu_pct": round(cpu_run * 100, 1),
+                "steal_pct": publish_steal,
                 "rss_max": max(s["rss"] for s in run_samples),
                 "redis_conns_max": max(s["redis_conns"] for s in run_samples),
                 "waiting_min": min((s["waiting"] or 0) for s in run_samples),
@@ -630,11 +633,13 @@ class Throughput:
 
     def measure(self, server: Server, reqs: list[ReqSpec]) -> dict[str, Any]:
         c0 = procstats.cpu_seconds(server.pid)
+        m0 = procstats.machine_cpu()
         t0 = time.monotonic()
         r = self.run(server.port, reqs, self.p.tput_s, self.p.tput_conns, self.work)
         r["server_cpu_pct"] = round(
             (procstats.cpu_seconds(server.pid) - c0) / (time.monotonic() - t0) * 100, 1
         )
+        r["steal_pct"] = procstats.steal_pct(m0, procstats.machine_cpu())
         return r
 
 
@@ -900,6 +905,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGHUP, terminate)
     global _T0
     started = _T0 = time.monotonic()
+    machine0 = procstats.machine_cpu()
     stamp = dt.datetime.now(dt.UTC)
     work = REPO / "bench" / "work" / stamp.strftime("%Y%m%dT%H%M%S")
     work.mkdir(parents=True, exist_ok=True)
@@ -1177,6 +1183,11 @@ def main(argv: list[str] | None = None) -> int:
         redis.stop()
 
     results["elapsed_s"] = round(time.monotonic() - started, 1)
+    # A virtual machine's CPUs can be lent to other guests: a run with much stolen time
+    # measured the neighbours as much as the servers.
+    results.setdefault("machine", {})["steal_pct"] = procstats.steal_pct(
+        machine0, procstats.machine_cpu()
+    )
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     name = stamp.strftime("%Y-%m-%d") + ("-quick" if args.quick else "")

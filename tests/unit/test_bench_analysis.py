@@ -29,3 +29,9 @@ def test_the_lost_column_shows_unread_events_beside_the_lost_ones():
     assert report._lost({"lost": 3, "unverified": 0}) == "3"
     assert report._lost({"lost": 0, "unverified": 156}) == "0 (+156 unread)"
     assert report._lost({"lost": 2}) == "2"  # results written before the split
+
+
+def test_stolen_cpu_time_is_shown_when_it_was_read():
+    assert report._stolen(None) == "" and report._pct(None) == "-"
+    assert "gave 12.5% of the machine's CPU time to other guests" in report._stolen(12.5)
+    assert report._pct(3.0) == "3.0%"

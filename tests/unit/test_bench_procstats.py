@@ -1,4 +1,4 @@
-"""The benchmark's /proc readings that judge idle CPU: wake-ups, and the sleeper reference."""
+"""The benchmark's /proc readings: wake-ups, the sleeper reference, the hypervisor's steal."""
 
 from __future__ import annotations
 
@@ -60,3 +60,12 @@ def test_the_sleeper_wakes_about_as_often_as_asked():
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_steal_is_the_share_of_the_machine_s_cpu_time_given_away():
+    assert procstats.steal_pct((10, 1000), (60, 2000)) == 5.0
+    assert procstats.steal_pct((10, 1000), (10, 1000)) is None  # no time passed: unknown
+    steal, total = procstats.machine_cpu()  # this machine's, read from /proc/stat
+    assert total > 0 and 0 <= steal <= total
+    later = procstats.machine_cpu()
+    assert later[1] >= total and later[0] >= steal

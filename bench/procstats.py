@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from pathlib import Path
 
 _TICK = os.sysconf("SC_CLK_TCK")
@@ -39,23 +40,34 @@ def rss_bytes(pid: int, *, tree: bool = True) -> int:
     return total
 
 
-def machine_cpu() -> tuple[int, int]:
-    """(steal, total) clock ticks of all the machine's CPUs since boot (/proc/stat's "cpu"
-    line); (0, 0) where there is no such file."""
+def steal_ticks(stat: str) -> int:
+    """The "steal" clock ticks of all CPUs in /proc/stat's text: time the hypervisor ran
+    other guests while this machine's CPUs had work (the 8th number of the "cpu" line)."""
+    fields = stat.split("\n", 1)[0].split()
+    return int(fields[8]) if len(fields) > 8 and fields[0] == "cpu" else 0
+
+
+def machine_steal() -> tuple[int, float] | None:
+    """(steal ticks so far, monotonic time) for steal_pct(); None without /proc/stat."""
     try:
-        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        return steal_ticks(Path("/proc/stat").read_text()), time.monotonic()
     except (OSError, ValueError):
-        return 0, 0
-    # user nice system idle iowait irq softirq steal [guest guest_nice]: guest time is
-    # already inside user and nice, so it is not added again.
-    return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
+        return None
 
 
-def steal_pct(before: tuple[int, int], after: tuple[int, int]) -> float | None:
-    """The share of the machine's CPU time between two machine_cpu() readings that the
-    hypervisor gave to other guests (a virtual machine's "steal"), in %; None if unknown."""
-    total = after[1] - before[1]
-    return round((after[0] - before[0]) * 100 / total, 1) if total > 0 else None
+def steal_pct(
+    before: tuple[int, float] | None, after: tuple[int, float] | None, cpus: int | None = None
+) -> float | None:
+    """CPU time stolen between two machine_steal() readings, in % of what the machine's CPUs
+    had in that time (elapsed time x CPUs); None if unknown.
+
+    Elapsed time, not the sum of /proc/stat's counters: on one virtual machine those summed to
+    ~35% more than the time that had passed while it was idle.
+    """
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    capacity = (after[1] - before[1]) * _TICK * (cpus or os.cpu_count() or 1)
+    return round((after[0] - before[0]) * 100 / capacity, 1)
 
 
 def cpu_seconds(pid: int, *, tree: bool = True) -> float:

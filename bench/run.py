@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import datetime as dt
 import math
 import multiprocessing
@@ -131,6 +132,13 @@ def say(message: str) -> None:
     """A progress line, stamped with the seconds since the run began (which phase takes how
     long differs from machine to machine)."""
     print(f"[{time.monotonic() - _T0:6.1f} s] {message}", flush=True)
+
+
+def broker_sections() -> set[str]:
+    """The broker's configuration sections (the SECTION of BROKER_SECTION_KEY)."""
+    from broker.config import Settings
+
+    return {f.name for f in dataclasses.fields(Settings)}
 
 
 def has_ob_routes(broker: Broker) -> bool:
@@ -293,7 +301,7 @@ def long_poll_scenario(
         before = call_all(workers, "stats")
         m0 = server.metrics() if isinstance(server, Broker) else {}
         say(f"  {label}: publishing {p.rate:g}/s for {p.duration_s:g} s")
-        steal0 = procstats.machine_cpu()
+        steal0 = procstats.machine_steal()
         publisher.send("publish", n, p.rate, p.duration_s, p.pub_conns)
         samples = [sampler.sample()]
         deadline = time.monotonic() + p.duration_s + 90
@@ -302,7 +310,7 @@ def long_poll_scenario(
             if time.monotonic() > deadline:
                 raise TimeoutError("publisher did not finish")
         pub = publisher.recv()
-        publish_steal = procstats.steal_pct(steal0, procstats.machine_cpu())
+        publish_steal = procstats.steal_pct(steal0, procstats.machine_steal())
         samples.append(sampler.sample())
         ok_count = len(pub["ok"])
         t_drain = time.monotonic()
@@ -633,13 +641,13 @@ class Throughput:
 
     def measure(self, server: Server, reqs: list[ReqSpec]) -> dict[str, Any]:
         c0 = procstats.cpu_seconds(server.pid)
-        m0 = procstats.machine_cpu()
+        m0 = procstats.machine_steal()
         t0 = time.monotonic()
         r = self.run(server.port, reqs, self.p.tput_s, self.p.tput_conns, self.work)
         r["server_cpu_pct"] = round(
             (procstats.cpu_seconds(server.pid) - c0) / (time.monotonic() - t0) * 100, 1
         )
-        r["steal_pct"] = procstats.steal_pct(m0, procstats.machine_cpu())
+        r["steal_pct"] = procstats.steal_pct(m0, procstats.machine_steal())
         return r
 
 
@@ -880,8 +888,12 @@ def main(argv: list[str] | None = None) -> int:
     extra_env: dict[str, str] = {}
     for item in args.broker_env:
         key, sep, value = item.partition("=")
-        if not sep or not key.startswith("BROKER_"):
-            parser.error(f"--broker-env takes BROKER_SECTION_KEY=VALUE, not {item!r}")
+        section = key.removeprefix("BROKER_").partition("_")[0].lower()
+        if not sep or not key.startswith("BROKER_") or section not in broker_sections():
+            parser.error(
+                f"--broker-env takes BROKER_SECTION_KEY=VALUE with a section of"
+                f" {sorted(broker_sections())}, not {item!r}"
+            )
         extra_env[key] = value
     if extra_env:  # a broker that refuses its settings would fail the run minutes in
         from broker.config import load_settings
@@ -905,7 +917,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGHUP, terminate)
     global _T0
     started = _T0 = time.monotonic()
-    machine0 = procstats.machine_cpu()
+    machine0 = procstats.machine_steal()
     stamp = dt.datetime.now(dt.UTC)
     work = REPO / "bench" / "work" / stamp.strftime("%Y%m%dT%H%M%S")
     work.mkdir(parents=True, exist_ok=True)
@@ -1186,7 +1198,7 @@ def main(argv: list[str] | None = None) -> int:
     # A virtual machine's CPUs can be lent to other guests: a run with much stolen time
     # measured the neighbours as much as the servers.
     results.setdefault("machine", {})["steal_pct"] = procstats.steal_pct(
-        machine0, procstats.machine_cpu()
+        machine0, procstats.machine_steal()
     )
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from bench import report
 from bench.loadgen import Spec
 from bench.run import analyze
@@ -35,3 +37,43 @@ def test_stolen_cpu_time_is_shown_when_it_was_read():
     assert report._stolen(None) == "" and report._pct(None) == "-"
     assert "gave 12.5% of the machine's CPU time to other guests" in report._stolen(12.5)
     assert report._pct(3.0) == "3.0%"
+
+
+async def test_the_sweep_reports_the_queues_it_could_not_read(monkeypatch):
+    """Found events come back with their reader; failed reads name their waiters."""
+    from aiohttp import web
+    from aiohttp.test_utils import TestServer
+
+    from bench import loadgen
+
+    served: dict[str, list[int]] = {"/q3": [200, 204]}
+    seen: list[str] = []
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        seen.append(request.path)
+        if request.path == "/q1":
+            await asyncio.sleep(30)  # never answers within the sweep's limit
+        if request.path == "/q2":
+            return web.Response(status=500)
+        if served.get(request.path) and served[request.path].pop(0) == 200:
+            return web.Response(body=b'[{"resource": {"id": "BENCH.3.7.123"}}]')
+        return web.Response(status=204)
+
+    app = web.Application()
+    app.router.add_get("/{q}", answer)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    monkeypatch.setattr(loadgen, "SWEEP_LIMIT_S", 0.5)
+    try:
+        worker = loadgen.WaiterWorker(
+            Spec(target="memlp", port=server.port or 0, prefix="t"), [0, 1, 2, 3, 4]
+        )
+        for w in worker.waiters:
+            w.path = f"/q{w.i}"
+        out = await worker.sweep([0, 1, 2, 3])  # waiter 4 missed nothing: not read
+    finally:
+        await server.close()
+    assert out["found"] == [(3, 7, 3)]
+    assert sorted(out["failed"]) == [1, 2]
+    assert out["errors"] == {"TimeoutError": 1, "sweep 500": 1}
+    assert "/q4" not in seen and seen.count("/q3") == 2  # read until it had nothing more

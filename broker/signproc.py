@@ -8,11 +8,11 @@ signing.Signer) to a pipe and reads 256 bytes back.
 Why not the alternatives, measured on 2 cores: a thread is slow because it needs the GIL back
 for every SET while the loop is busy (wake-ups 4x slower), and a ProcessPoolExecutor pickles
 each call and runs a management thread in the parent that contends for the GIL the same way.
+Here the parent has no thread: each child's pipes are read by the event loop itself.
 Threads were tried again with cryptography 50, which releases the GIL while OpenSSL signs
 (alone, two threads sign 1.8x as fast as one): in three paired quick benchmark runs (not
 saved) against signing on the loop, the latency was inconclusive on a noisy machine and
 publishing was 4-16% slower (1,503-1,567 SETs/s against 1,633-1,779).
-Here the parent has no thread: each child's pipes are read by the event loop itself.
 
 Wire format, both ways: a 4-byte big-endian length, then that many bytes. Replies come in
 request order and start with a status byte: 0, the signature follows; 1, an error message

@@ -12,7 +12,6 @@ import argparse
 import asyncio
 import collections
 import contextlib
-import dataclasses
 import datetime as dt
 import math
 import multiprocessing
@@ -37,6 +36,7 @@ from bench import loadgen, procstats, report
 from bench.httpraw import Client, build_request
 from bench.loadgen import HOST, Issuer, Spec
 from bench.servers import REPO, Baseline, Broker, Nchan, Server, ensure_tools
+from broker.config import sections as config_sections
 
 RESULTS = REPO / "bench" / "results"
 
@@ -132,13 +132,6 @@ def say(message: str) -> None:
     """A progress line, stamped with the seconds since the run began (which phase takes how
     long differs from machine to machine)."""
     print(f"[{time.monotonic() - _T0:6.1f} s] {message}", flush=True)
-
-
-def broker_sections() -> set[str]:
-    """The broker's configuration sections (the SECTION of BROKER_SECTION_KEY)."""
-    from broker.config import Settings
-
-    return {f.name for f in dataclasses.fields(Settings)}
 
 
 def has_ob_routes(broker: Broker) -> bool:
@@ -889,10 +882,10 @@ def main(argv: list[str] | None = None) -> int:
     for item in args.broker_env:
         key, sep, value = item.partition("=")
         section = key.removeprefix("BROKER_").partition("_")[0].lower()
-        if not sep or not key.startswith("BROKER_") or section not in broker_sections():
+        if not sep or not key.startswith("BROKER_") or section not in config_sections():
             parser.error(
                 f"--broker-env takes BROKER_SECTION_KEY=VALUE with a section of"
-                f" {sorted(broker_sections())}, not {item!r}"
+                f" {sorted(config_sections())}, not {item!r}"
             )
         extra_env[key] = value
     if extra_env:  # a broker that refuses its settings would fail the run minutes in

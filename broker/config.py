@@ -312,6 +312,11 @@ _SECTIONS: dict[str, type[Any]] = {
 }
 
 
+def sections() -> frozenset[str]:
+    """The settings' sections: the SECTION of a BROKER_SECTION_KEY override."""
+    return frozenset(_SECTIONS)
+
+
 def _build(raw: dict[str, dict[str, Any]], base: Settings) -> Settings:
     sections: dict[str, Any] = {}
     for section, values in raw.items():

@@ -73,3 +73,12 @@ def test_unknown_key_and_bad_file_are_errors(tmp_path):
     f.write_text('[poll]\nmax_wait_s = "ten"\n')
     with pytest.raises(ConfigError, match=r"'poll\.max_wait_s' has value 'ten'"):
         load_settings(f, environ={})
+
+
+def test_sections_are_the_settings_tables():
+    import dataclasses
+
+    from broker.config import Settings, sections
+
+    assert sections() == {f.name for f in dataclasses.fields(Settings)}
+    assert {"poll", "signing", "server"} <= sections()

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 
 from bench import report
+from bench.analysis import analyze
 from bench.loadgen import Spec
-from bench.run import analyze
 
 
 def _pub(*pairs: tuple[int, int]) -> dict[str, object]:

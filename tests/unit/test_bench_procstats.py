@@ -9,7 +9,7 @@ import time
 import pytest
 
 from bench import procstats
-from bench.run import sleeper_code, sleeper_cpu
+from bench.procstats import sleeper_code, sleeper_cpu
 
 
 def test_wakeups_count_a_process_going_to_sleep_and_waking():

@@ -1,0 +1,47 @@
+"""The two sizes of a benchmark run: full (issue 4's figures) and quick (under two minutes)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Params:
+    waiters: int = 10_000
+    waiter_procs: int = 2
+    ramp_steps: int = 5
+    idle_s: float = 5.0
+    rate: float = 1000.0
+    duration_s: float = 30.0
+    wait_s: float = 25.0  # long-poll hold asked by clients (Nchan: its subscriber timeout)
+    jitter: float = 0.2
+    max_wait_s: float = 30.0  # the broker's poll.max_wait_s, also the hygiene deadline
+    pub_conns: int = 32
+    tput_s: float = 5.0
+    tput_conns: int = 64
+    tput_queues: int = 64
+    sets_total: int = 40_000
+    sets_clients: int = 8
+    sign_s: float = 2.0
+    drain_s: float = 27.0  # after the last publish, wait this long at most for deliveries
+    # After the vanished clients are released, go on sampling this long: the broker's
+    # maintenance collection (and heap trim) comes a second or two later, later on a slow
+    # machine (2.2 s after the vanish with 2,000 waiters, 3.3 s with 10,000 on a slow one).
+    settle_s: float = 5.0
+
+
+FULL = Params()
+QUICK = Params(
+    waiters=2000,
+    ramp_steps=4,
+    idle_s=2.0,
+    rate=500.0,
+    duration_s=10.0,
+    wait_s=10.0,
+    max_wait_s=12.0,
+    tput_s=2.0,
+    sets_total=5000,
+    sign_s=1.0,
+    drain_s=5.0,
+    settle_s=3.0,
+)

@@ -229,6 +229,7 @@ def markdown(results: dict[str, Any]) -> str:
         # Half the broker's waiters are OB: their events are SETs, signed (PS256) at publish.
         parts = [f"{api} {_fmt_lat(lat)}" for api, lat in sorted(by_api.items())]
         out += ["", "Broker latency by API, p50 / p90 / p99 / max (ms): " + "; ".join(parts) + "."]
+    out += _waves(results)
     # Runs before the kit read the hypervisor's steal have no such column.
     stolen = any("steal_pct" in r for r in results["throughput"].values())
     out += [
@@ -394,6 +395,31 @@ def _lost(w: dict[str, Any]) -> str:
     """Lost events, and beside them those whose queue could not be read afterwards."""
     unread = w.get("unverified", 0)
     return f"{w['lost']}" + (f" (+{unread} unread)" if unread else "")
+
+
+def _waves(results: dict[str, Any]) -> list[str]:
+    """Later waves of long polls on the same server process (`--waves`), one row each."""
+    rows = []
+    for name in ("broker", "memlp", "nchan"):
+        for w in (results["long_poll"].get(name) or {}).get("waves") or []:
+            rows.append(
+                f"| {LABELS[name]} | {w['wave']} | {w['rss_start'] / 2**20:.0f} MB | "
+                f"{w['kb_per_waiter']} | {_fmt_lat(w['latency_ms'])} | "
+                f"{w['delivered']:,} / {w['published_ok']:,} | {w['stranded']} | {_lost(w)} | "
+                f"{w['duplicates']} | {w['seconds_to_clear']} s | {_kept(w)} |"
+            )
+    if not rows:
+        return []
+    return [
+        "",
+        "Later waves on the same server process (`--waves`): new clients and queues, the same"
+        " steps; memory is counted from the RSS each wave starts at, what the last one left.",
+        "",
+        "| target | wave | RSS at start | KB / waiter | latency p50 / p90 / p99 / max (ms) "
+        "| delivered | stranded | lost | dup | vanish → released | RSS kept after |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+        *rows,
+    ]
 
 
 def _kept(h: dict[str, Any]) -> str:

@@ -56,6 +56,25 @@ def has_ob_routes(broker: Broker) -> bool:
     )
 
 
+def wave_summary(wave: int, r: dict[str, Any]) -> dict[str, Any]:
+    """What a later wave of long polls on the same server is kept for: its memory from start
+    to peak to after the vanish, and whether its events were delivered."""
+    w, h = r["wake"], r["hygiene"]
+    return {
+        "wave": wave,
+        "rss_start": h["rss_start"],
+        "rss_before": h["rss_before"],
+        "rss_after": h["rss_after"],
+        "seconds_to_clear": h["seconds_to_clear"],
+        "kb_per_waiter": r["idle"]["kb_per_waiter"],
+        "latency_ms": w["latency_ms"],
+        **{
+            k: w[k]
+            for k in ("published_ok", "delivered", "stranded", "lost", "unverified", "duplicates")
+        },
+    }
+
+
 def machine_info(redis_url: str) -> dict[str, Any]:
     import aiohttp
 
@@ -111,6 +130,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--waiters", type=int, help="override the number of waiters")
     parser.add_argument("--duration", type=float, help="override the publish duration (s)")
+    parser.add_argument(
+        "--waves",
+        type=int,
+        default=1,
+        help="run each target's long polls this many times on one server process (default 1):"
+        " is the memory a wave of vanished clients leaves reused by the next?",
+    )
     parser.add_argument("--out", default=str(RESULTS), help="results directory")
     parser.add_argument(
         "--broker-ref",
@@ -118,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
         "the working tree, e.g. HEAD",
     )
     args = parser.parse_args(argv)
+    if args.waves < 1:
+        parser.error("--waves takes 1 or more")
 
     p = QUICK if args.quick else FULL
     extra_env: dict[str, str] = {}
@@ -263,6 +291,18 @@ def main(argv: list[str] | None = None) -> int:
                 results["long_poll"][name] = long_poll_scenario(
                     server, spec, p, ctx, redis.port, name
                 )
+                # Later waves: new clients and queues, the same server process.
+                waves = results["long_poll"][name]["waves"] = []
+                for k in range(2, args.waves + 1):
+                    again = replace(spec, prefix=f"{spec.prefix}w{k}")
+                    try:
+                        label = f"{name} wave {k}"
+                        r = long_poll_scenario(server, again, p, ctx, redis.port, label)
+                    except Exception as e:  # the first wave's figures stand
+                        say(f"  {name} wave {k}: FAILED: {type(e).__name__}: {e}")
+                        notes.append(f"{name}: wave {k} failed: {type(e).__name__}: {e}")
+                        break
+                    waves.append(wave_summary(k, r))
                 failed = results["long_poll"][name]["wake"].get("sweep_errors")
                 if failed:
                     notes.append(

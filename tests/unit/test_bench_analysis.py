@@ -77,3 +77,48 @@ async def test_the_sweep_reports_the_queues_it_could_not_read(monkeypatch):
     assert sorted(out["failed"]) == [1, 2]
     assert out["errors"] == {"TimeoutError": 1, "sweep 500": 1}
     assert "/q4" not in seen and seen.count("/q3") == 2  # read until it had nothing more
+
+
+def _wave_run(start_mb: int, before_mb: int, after_mb: int, lost: int) -> dict[str, object]:
+    mb = 2**20
+    return {
+        "idle": {"kb_per_waiter": 9.1},
+        "wake": {
+            "latency_ms": {"p50": 0.8, "p90": 1.5, "p99": 4.0, "max": 9.0},
+            "published_ok": 5000,
+            "delivered": 5000 - lost,
+            "stranded": 0,
+            "lost": lost,
+            "unverified": 0,
+            "duplicates": 0,
+        },
+        "hygiene": {
+            "rss_start": start_mb * mb,
+            "rss_before": before_mb * mb,
+            "rss_after": after_mb * mb,
+            "seconds_to_clear": 0.6,
+        },
+    }
+
+
+def test_later_waves_are_counted_from_the_memory_the_wave_before_left():
+    from bench.run import wave_summary
+
+    results = {
+        "long_poll": {
+            "broker": {
+                "waves": [
+                    wave_summary(2, _wave_run(72, 90, 74, 0)),
+                    wave_summary(3, _wave_run(74, 90, 74, 2)),
+                ]
+            },
+            "memlp": {},
+        }
+    }
+    rows = [line for line in report._waves(results) if line.startswith("| broker")]
+    assert len(rows) == 2
+    assert "| 2 | 72 MB |" in rows[0] and "+2 of +18 MB (11%)" in rows[0]
+    assert "| 3 | 74 MB |" in rows[1] and "+0 of +16 MB (0%)" in rows[1]
+    assert "4,998 / 5,000" in rows[1] and "| 2 |" in rows[1]  # lost events shown
+    # one wave (the default): no table at all
+    assert report._waves({"long_poll": {"broker": {"waves": []}}}) == []

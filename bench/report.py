@@ -428,4 +428,6 @@ def _kept(h: dict[str, Any]) -> str:
     kept = h["rss_after"] - h["rss_start"]
     if grown <= 0:
         return "-"
+    if grown < 2**20:  # a later wave that reused what the last one left: no share to speak of
+        return f"{kept / 2**20:+.1f} MB (it grew {grown / 2**20:.1f} MB)"
     return f"+{kept / 2**20:.0f} of +{grown / 2**20:.0f} MB ({kept / grown:.0%})"

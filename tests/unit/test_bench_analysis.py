@@ -120,5 +120,9 @@ def test_later_waves_are_counted_from_the_memory_the_wave_before_left():
     assert "| 2 | 72 MB |" in rows[0] and "+2 of +18 MB (11%)" in rows[0]
     assert "| 3 | 74 MB |" in rows[1] and "+0 of +16 MB (0%)" in rows[1]
     assert "4,998 / 5,000" in rows[1] and "| 2 |" in rows[1]  # lost events shown
+    # a wave that grew by less than a MB (it reused what the last one left): no percentage
+    mb = 2**20
+    tiny = {"rss_start": 64 * mb, "rss_before": 64 * mb + mb // 4, "rss_after": 64 * mb + mb // 2}
+    assert report._kept(tiny) == "+0.5 MB (it grew 0.2 MB)"
     # one wave (the default): no table at all
     assert report._waves({"long_poll": {"broker": {"waves": []}}}) == []

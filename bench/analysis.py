@@ -4,10 +4,11 @@ and latency quantiles, per second and as a CDF."""
 from __future__ import annotations
 
 import collections
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from bench.loadgen import Spec
-from bench.params import Params
+if TYPE_CHECKING:  # types only: the load generator imports quantiles() from here
+    from bench.loadgen import Spec
+    from bench.params import Params
 
 
 def analyze(

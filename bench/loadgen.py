@@ -32,6 +32,7 @@ from typing import Any
 
 import orjson
 
+from bench.analysis import quantiles
 from bench.httpraw import Client, ConnectionClosed, build_request, connect
 
 # What one read of the lost/stranded sweep may take (WaiterWorker.sweep).
@@ -544,19 +545,8 @@ class Publisher:
             "seconds": elapsed,
             "achieved_rate": total / elapsed if elapsed else 0.0,
             "max_schedule_lag_ms": max_lag * 1000,
-            "publish_ack_ms": _quantiles_ms(ack_ns),
+            "publish_ack_ms": quantiles(ack_ns),
         }
-
-
-def _quantiles_ms(sorted_ns: list[int]) -> dict[str, float]:
-    if not sorted_ns:
-        return {}
-    n = len(sorted_ns)
-
-    def q(p: float) -> float:
-        return round(sorted_ns[min(n - 1, int(p * n))] / 1e6, 3)
-
-    return {"p50": q(0.5), "p90": q(0.9), "p99": q(0.99), "max": round(sorted_ns[-1] / 1e6, 3)}
 
 
 # ---------------------------------------------------------------------------------------------

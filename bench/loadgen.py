@@ -1,8 +1,8 @@
 """Load-generator worker processes: long-poll waiters and an open-loop publisher.
 
-The runner (bench/run.py) starts several of these with multiprocessing (spawn) and drives
-them over a Pipe with small commands, so 10,000 connections and 1,000 publishes/s are spread
-over processes and no single event loop's lag shows up as server latency.
+The runner (bench/longpoll.py's Worker) starts several of these with multiprocessing (spawn)
+and drives them over a Pipe with small commands, so 10,000 connections and 1,000 publishes/s
+are spread over processes and no single event loop's lag shows up as server latency.
 
 Every published event carries a marker `BENCH.<waiter>.<seq>.<t>` where t is
 time.monotonic_ns() (CLOCK_MONOTONIC, the same clock in every process of the machine) taken

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
+from dataclasses import replace
 from multiprocessing.context import SpawnContext
 from typing import Any
 
@@ -300,3 +302,81 @@ def long_poll_scenario(
         for wk in [*workers, publisher]:
             wk.stop()
     return out
+
+
+def later_waves(
+    server: Server,
+    spec: Spec,
+    p: Params,
+    ctx: SpawnContext,
+    redis_port: int,
+    waves: int,
+    notes: list[str],
+    scenario: Callable[..., dict[str, Any]] | None = None,
+) -> list[dict[str, Any]]:
+    """Waves 2 to `waves` of the long polls (`scenario`, long_poll_scenario's signature) on
+    the same server process: new clients and queues each (their own Spec prefix), a wave
+    starting only once the server holds at most 1% of the polls (else its ramp would count
+    the last wave's). A wave that fails or cannot start ends the series with a note; the
+    waves before it stand."""
+    run = scenario or long_poll_scenario
+    limit = max(5, p.waiters // 100)  # as the vanish's "released"
+    out: list[dict[str, Any]] = []
+    for k in range(2, waves + 1):
+        label = f"{spec.target} wave {k}"
+        deadline = time.monotonic() + p.max_wait_s
+        held = _held(server)
+        while held is not None and held > limit and time.monotonic() < deadline:
+            time.sleep(0.25)
+            held = _held(server)
+        if held is not None and held > limit:
+            notes.append(f"{label} not run: the server still held {held} polls")
+            break
+        again = replace(spec, prefix=f"{spec.prefix}w{k}")
+        try:
+            out.append(wave_summary(k, run(server, again, p, ctx, redis_port, label)))
+        except Exception as e:
+            say(f"  {label}: FAILED: {type(e).__name__}: {e}")
+            notes.append(f"{label} failed: {type(e).__name__}: {e}")
+            break
+    return out
+
+
+def _held(server: Server) -> int | None:
+    """The polls the server holds; None if it does not say (or cannot now: the wave that
+    follows then fails on its own, with its note)."""
+    with contextlib.suppress(Exception):
+        return server.waiting()
+    return None
+
+
+def wave_summary(wave: int, r: dict[str, Any]) -> dict[str, Any]:
+    """What a later wave of long polls is kept for: its memory from its start to its peak
+    to after the vanish, whether its events were delivered once, and what went wrong."""
+    w, h = r["wake"], r["hygiene"]
+    kept = (
+        "published_ok",
+        "delivered",
+        "late_1s",
+        "stranded",
+        "lost",
+        "unverified",
+        "duplicates",
+        "misrouted",
+        "unexpected",
+        "publish_failures",
+        "sweep_errors",
+        "client_errors",
+    )
+    return {
+        "wave": wave,
+        "rss_start": h["rss_start"],
+        "rss_before": h["rss_before"],
+        "rss_after": h["rss_after"],
+        "seconds_to_clear": h["seconds_to_clear"],
+        "kb_per_waiter": r["idle"]["kb_per_waiter"],
+        "waiting": r["idle"]["waiting"],
+        "setup_errors": r.get("setup_errors", {}),
+        "latency_ms": w["latency_ms"],
+        **{k: w.get(k) for k in kept},
+    }

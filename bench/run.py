@@ -28,7 +28,7 @@ import orjson
 
 from bench import loadgen, procstats, progress, report
 from bench.loadgen import Issuer, Spec
-from bench.longpoll import long_poll_scenario
+from bench.longpoll import later_waves, long_poll_scenario
 from bench.params import FULL, QUICK
 from bench.progress import say
 from bench.servers import REPO, Baseline, Broker, Nchan, Server, ensure_tools
@@ -54,25 +54,6 @@ def has_ob_routes(broker: Broker) -> bool:
     return broker.has_route("POST", "/events") and broker.has_route(
         "POST", "/publish/clients/x/sets"
     )
-
-
-def wave_summary(wave: int, r: dict[str, Any]) -> dict[str, Any]:
-    """What a later wave of long polls on the same server is kept for: its memory from start
-    to peak to after the vanish, and whether its events were delivered."""
-    w, h = r["wake"], r["hygiene"]
-    return {
-        "wave": wave,
-        "rss_start": h["rss_start"],
-        "rss_before": h["rss_before"],
-        "rss_after": h["rss_after"],
-        "seconds_to_clear": h["seconds_to_clear"],
-        "kb_per_waiter": r["idle"]["kb_per_waiter"],
-        "latency_ms": w["latency_ms"],
-        **{
-            k: w[k]
-            for k in ("published_ok", "delivered", "stranded", "lost", "unverified", "duplicates")
-        },
-    }
 
 
 def machine_info(redis_url: str) -> dict[str, Any]:
@@ -291,18 +272,9 @@ def main(argv: list[str] | None = None) -> int:
                 results["long_poll"][name] = long_poll_scenario(
                     server, spec, p, ctx, redis.port, name
                 )
-                # Later waves: new clients and queues, the same server process.
-                waves = results["long_poll"][name]["waves"] = []
-                for k in range(2, args.waves + 1):
-                    again = replace(spec, prefix=f"{spec.prefix}w{k}")
-                    try:
-                        label = f"{name} wave {k}"
-                        r = long_poll_scenario(server, again, p, ctx, redis.port, label)
-                    except Exception as e:  # the first wave's figures stand
-                        say(f"  {name} wave {k}: FAILED: {type(e).__name__}: {e}")
-                        notes.append(f"{name}: wave {k} failed: {type(e).__name__}: {e}")
-                        break
-                    waves.append(wave_summary(k, r))
+                results["long_poll"][name]["waves"] = later_waves(
+                    server, spec, p, ctx, redis.port, args.waves, notes
+                )
                 failed = results["long_poll"][name]["wake"].get("sweep_errors")
                 if failed:
                     notes.append(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
+from typing import Any
 
 from bench import report
 from bench.analysis import analyze
@@ -82,7 +84,7 @@ async def test_the_sweep_reports_the_queues_it_could_not_read(monkeypatch):
 def _wave_run(start_mb: int, before_mb: int, after_mb: int, lost: int) -> dict[str, object]:
     mb = 2**20
     return {
-        "idle": {"kb_per_waiter": 9.1},
+        "idle": {"kb_per_waiter": 9.1, "waiting": 2000},
         "wake": {
             "latency_ms": {"p50": 0.8, "p90": 1.5, "p99": 4.0, "max": 9.0},
             "published_ok": 5000,
@@ -102,7 +104,7 @@ def _wave_run(start_mb: int, before_mb: int, after_mb: int, lost: int) -> dict[s
 
 
 def test_later_waves_are_counted_from_the_memory_the_wave_before_left():
-    from bench.run import wave_summary
+    from bench.longpoll import wave_summary
 
     results = {
         "long_poll": {
@@ -126,3 +128,69 @@ def test_later_waves_are_counted_from_the_memory_the_wave_before_left():
     assert report._kept(tiny) == "+0.5 MB (it grew 0.2 MB)"
     # one wave (the default): no table at all
     assert report._waves({"long_poll": {"broker": {"waves": []}}}) == []
+
+
+class _Server:
+    """Holds `held` polls until asked `clears_after` times."""
+
+    def __init__(self, held: int, clears_after: int = 0) -> None:
+        self.held, self.asked, self.clears_after = held, 0, clears_after
+
+    def waiting(self) -> int:
+        self.asked += 1
+        return 0 if self.asked > self.clears_after else self.held
+
+
+def _later_waves(
+    server: _Server, scenario: Callable[[int], dict[str, object]], waves: int = 3
+) -> tuple[list[dict[str, object]], list[str], list[tuple[str, str]]]:
+    from dataclasses import replace
+
+    from bench.longpoll import later_waves
+    from bench.params import QUICK
+
+    p = replace(QUICK, waiters=2000, max_wait_s=2.0)
+    notes: list[str] = []
+    seen: list[tuple[str, str]] = []
+
+    def run(srv: object, spec: Spec, params: object, ctx: object, port: int, label: str) -> Any:
+        seen.append((spec.prefix, label))
+        return scenario(len(seen))
+
+    spec = Spec(target="broker", port=0, prefix="lpbr")
+    out = later_waves(server, spec, p, None, 0, waves, notes, scenario=run)  # type: ignore[arg-type]
+    return out, notes, seen
+
+
+def test_each_later_wave_has_clients_and_queues_of_its_own():
+    out, notes, seen = _later_waves(_Server(0), lambda k: _wave_run(70 + k, 90, 71 + k, 0))
+    assert [prefix for prefix, _ in seen] == ["lpbrw2", "lpbrw3"]
+    assert [label for _, label in seen] == ["broker wave 2", "broker wave 3"]
+    assert [w["wave"] for w in out] == [2, 3] and notes == []
+
+    # and their users, clients and channels do not collide with the first wave's
+    def names(prefix: str) -> set[str]:
+        s = Spec(target="broker", port=0, prefix=prefix)
+        return {f(i) for i in range(3000) for f in (s.user, s.client_id, s.channel)}
+
+    assert len(names("lpbr")) == 9000 and not names("lpbr") & names("lpbrw2")
+
+
+def test_a_failed_wave_ends_the_series_and_keeps_the_waves_before_it():
+    def scenario(k: int) -> dict[str, object]:
+        if k == 2:
+            raise TimeoutError("publisher did not finish")
+        return _wave_run(70, 90, 71, 0)
+
+    out, notes, seen = _later_waves(_Server(0), scenario, waves=4)
+    assert [w["wave"] for w in out] == [2] and len(seen) == 2  # wave 4 never started
+    assert notes == ["broker wave 3 failed: TimeoutError: publisher did not finish"]
+
+
+def test_a_wave_waits_for_the_last_ones_polls_and_is_skipped_if_they_stay():
+    server = _Server(held=1500, clears_after=2)  # released while the runner waits
+    out, notes, _ = _later_waves(server, lambda k: _wave_run(70, 90, 71, 0), waves=2)
+    assert len(out) == 1 and notes == [] and server.asked == 3
+    out, notes, seen = _later_waves(_Server(held=1500, clears_after=10**6), lambda k: {}, 2)
+    assert out == [] and seen == []
+    assert notes == ["broker wave 2 not run: the server still held 1500 polls"]

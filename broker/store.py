@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 import redis.exceptions
 from redis.asyncio import Redis
 
-from broker import keyspace
+from broker import ids, keyspace
 from broker.errors import StoreError, StoreUnavailable
 from broker.resp import Arg, number
 from broker.scripts import RedisPyRunner, Script, ScriptRunner
@@ -187,7 +187,7 @@ class QueueStore:
         """
         tag = keyspace.user_tag(user_id)
         if idempotency_key is None:
-            token, keep_s = "auto:" + secrets.token_hex(12), RETRY_RECORD_S
+            token, keep_s = "auto:" + ids.token_hex(), RETRY_RECORD_S
         else:
             token, keep_s = "key:" + idempotency_key, self.idempotency_ttl_s
         args: list[Any] = [keyspace.base(tag), self.maxlen, len(events)]
@@ -200,10 +200,10 @@ class QueueStore:
             keyspace.publish_record(tag, token),
         ]
 
-        ids, reached = await idempotent(
+        event_ids, reached = await idempotent(
             lambda: self.runner.run_with_wake(self._publish, keys, args, tag)
         )
-        return PublishResult(ids=[i.decode() for i in ids], queues=int(reached))
+        return PublishResult(ids=[i.decode() for i in event_ids], queues=int(reached))
 
     async def aclose(self) -> None:
         await self.runner.aclose()

@@ -51,3 +51,11 @@ def test_ids_from_many_threads_are_all_distinct():
     for t in threads:
         t.join()
     assert len(out) == 12000 and len(set(out)) == 12000
+
+
+def test_token_hex_is_128_random_bits_never_repeated():
+    seen = {ids.token_hex() for _ in range(5000)}
+    assert len(seen) == 5000
+    assert all(len(t) == 32 and int(t, 16) >= 0 for t in seen)
+    # every hex digit appears in every position: no fixed bits (as a UUID's version has)
+    assert all({t[i] for t in seen} == set("0123456789abcdef") for i in range(32))

@@ -38,7 +38,7 @@ from broker.redisconn import (
 )
 from broker.resp import RespClient
 from broker.scripts import RedisPyRunner, RespRunner, ScriptRunner
-from broker.signing import Signer, key_path
+from broker.signing import LoopSigning, Signer, key_path
 from broker.signproc import SigningProcesses
 from broker.store import QueueStore
 
@@ -66,7 +66,7 @@ def create_app(
     app[background_key] = set()
     app[verifier_key] = TokenVerifier.from_settings(settings.auth, settings.data_dir)
     app[signer_key] = Signer.from_settings(settings.signing, settings.data_dir)
-    app[signing_pool_key] = None
+    app[signing_pool_key] = LoopSigning(app[signer_key])
 
     async def signing_ctx(app: web.Application) -> AsyncIterator[None]:
         if settings.signing.processes <= 0:

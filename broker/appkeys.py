@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from broker.looplag import LoopLag
     from broker.metrics import Metrics
     from broker.sets import SetStore
-    from broker.signing import Signer
+    from broker.signing import LoopSigning, Signer
     from broker.signproc import SigningProcesses
     from broker.store import QueueStore
     from broker.subscriptions import SubscriptionStore
@@ -31,7 +31,8 @@ looplag_key: web.AppKey[LoopLag] = web.AppKey("looplag")
 background_key: web.AppKey[set[asyncio.Future[Any]]] = web.AppKey("background")
 # Open Banking: the SET signer, the SET store and the event subscriptions.
 signer_key: web.AppKey[Signer] = web.AppKey("signer")
-# The processes that sign SETs, when signing.processes > 0 (signproc.py).
-signing_pool_key: web.AppKey[SigningProcesses | None] = web.AppKey("signing_pool")
+# What makes the SETs' signatures: child processes when signing.processes > 0 (signproc.py),
+# else the event loop, one signature per turn (signing.LoopSigning).
+signing_pool_key: web.AppKey[SigningProcesses | LoopSigning] = web.AppKey("signing_pool")
 sets_key: web.AppKey[SetStore] = web.AppKey("sets")
 subscriptions_key: web.AppKey[SubscriptionStore] = web.AppKey("subscriptions")

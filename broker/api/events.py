@@ -76,14 +76,11 @@ async def publish_sets(request: web.Request) -> web.Response:
             raise PayloadTooLarge(
                 f"SET[{i}] is over {settings.publish.max_event_bytes} bytes", path=f"[{i}]"
             )
-    signer, procs = app[signer_key], app[signing_pool_key]
-    if procs is not None:
-        # The RSA work in the signing processes; the loop only builds the signing inputs.
-        to_sign = [signer.signing_input(c) for c in claims]
-        sigs = await procs.sign(to_sign)
-        jws = [compact_jws(data, sig) for data, sig in zip(to_sign, sigs, strict=True)]
-    else:
-        jws = [signer.sign_set(c) for c in claims]
+    signer = app[signer_key]
+    # The RSA work in the signing processes, or on the loop one signature per turn.
+    to_sign = [signer.signing_input(c) for c in claims]
+    sigs = await app[signing_pool_key].sign(to_sign)
+    jws = [compact_jws(data, sig) for data, sig in zip(to_sign, sigs, strict=True)]
     signed = [
         SignedSet(c["jti"], j, s.event_codes) for c, j, s in zip(claims, jws, inputs, strict=True)
     ]

@@ -121,3 +121,82 @@ def test_signing_uses_the_loaded_key_object(tmp_path, monkeypatch):
     monkeypatch.setattr(serialization, "load_pem_private_key", no_parsing)
     tokens = [signer.sign_set({"jti": str(i), "iat": 1}) for i in range(5)]
     assert len(set(tokens)) == 5 and all(t.count(".") == 2 for t in tokens)
+
+
+async def test_loop_signing_signs_in_order_one_signature_per_loop_turn(tmp_path, monkeypatch):
+    """Other callbacks run between two signatures of one batch: a publish of many SETs does
+    not hold the loop (and every parked poll's wake-up) for all of its RSA work at once."""
+    import asyncio
+
+    from broker.signing import LoopSigning, compact_jws
+
+    signer = Signer.from_settings(SigningSettings(), tmp_path)
+    claims = [{"iss": "i", "iat": 1, "jti": f"j{i}", "events": {}} for i in range(4)]
+    inputs = [signer.signing_input(c) for c in claims]
+    log: list[str] = []
+    sign = signer.signature
+
+    def logged(data: bytes) -> bytes:
+        log.append("sig")
+        return sign(data)
+
+    monkeypatch.setattr(signer, "signature", logged)
+    loop = asyncio.get_running_loop()
+
+    def tick(n: int) -> None:  # a callback that re-arms itself each turn, as loop work does
+        log.append("tick")
+        if n:
+            loop.call_soon(tick, n - 1)
+
+    signing = LoopSigning(signer)
+    loop.call_soon(tick, 10)
+    sigs = await signing.sign(inputs)
+    for c, data, sig in zip(claims, inputs, sigs, strict=True):  # each the right signature
+        _, got = _verify(signer, compact_jws(data, sig))
+        assert got["jti"] == c["jti"]
+    first, last = log.index("sig"), len(log) - 1 - log[::-1].index("sig")
+    between = log[first : last + 1]
+    assert between.count("sig") == 4
+    assert "sig,sig" not in ",".join(between)  # never two signatures in one turn
+
+
+async def test_loop_signing_skips_the_signatures_of_a_cancelled_publish(tmp_path, monkeypatch):
+    import asyncio
+
+    from broker.signing import LoopSigning
+
+    signer = Signer.from_settings(SigningSettings(), tmp_path)
+    made: list[bytes] = []
+    sign = signer.signature
+
+    def kept_track(data: bytes) -> bytes:
+        made.append(data)
+        return sign(data)
+
+    monkeypatch.setattr(signer, "signature", kept_track)
+    signing = LoopSigning(signer)
+    gone = asyncio.ensure_future(signing.sign([b"a.b", b"c.d", b"e.f"]))
+    await asyncio.sleep(0)  # queued, not yet signed
+    gone.cancel()
+    kept = await signing.sign([b"g.h"])  # signed after the cancelled ones are passed over
+    assert made == [b"g.h"] and len(kept) == 1
+    with pytest.raises(asyncio.CancelledError):
+        await gone
+
+
+async def test_loop_signing_fails_only_the_publish_whose_signature_failed(tmp_path, monkeypatch):
+    from broker.signing import LoopSigning
+
+    signer = Signer.from_settings(SigningSettings(), tmp_path)
+    sign = signer.signature
+
+    def flaky(data: bytes) -> bytes:
+        if data == b"bad":
+            raise ValueError("no")
+        return sign(data)
+
+    monkeypatch.setattr(signer, "signature", flaky)
+    signing = LoopSigning(signer)
+    with pytest.raises(ValueError, match="no"):
+        await signing.sign([b"bad"])
+    assert len(await signing.sign([b"x.y", b"z.w"])) == 2

@@ -23,6 +23,7 @@ class Params:
     sets_total: int = 40_000
     sets_clients: int = 8
     sign_s: float = 2.0
+    mixed_s: float = 10.0  # wake-ups alone, then beside SET batches (bench/mixed.py), each
     drain_s: float = 27.0  # after the last publish, wait this long at most for deliveries
     # After the vanished clients are released, go on sampling this long: the broker's
     # maintenance collection (and heap trim) comes a second or two later, later on a slow
@@ -42,6 +43,7 @@ QUICK = Params(
     tput_s=2.0,
     sets_total=5000,
     sign_s=1.0,
+    mixed_s=4.0,
     drain_s=5.0,
     settle_s=3.0,
 )

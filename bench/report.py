@@ -293,6 +293,7 @@ def markdown(results: dict[str, Any]) -> str:
             f"Delivery with POST /events maxEvents 100 + acks: {d['sets_per_s']:,.0f} SETs/s "
             f"({d['delivered']:,} delivered, {d['duplicates']} duplicates)."
         )
+    out += _mixed(results.get("mixed"))
     out += [
         "",
         "Issue-4 targets (broker):",
@@ -395,6 +396,28 @@ def _lost(w: dict[str, Any]) -> str:
     """Lost events, and beside them those whose queue could not be read afterwards."""
     unread = w.get("unverified", 0)
     return f"{w['lost']}" + (f" (+{unread} unread)" if unread else "")
+
+
+def _mixed(m: dict[str, Any] | None) -> list[str]:
+    """Wake-ups alone and beside a producer's SET batches (bench/mixed.py), one paragraph."""
+    if not m:
+        return []
+
+    def phase(r: dict[str, Any]) -> str:
+        errors = sum(r["errors"].values())
+        return (
+            f"{_fmt_lat(r['latency_ms'])} ms, {r['delivered']:,} of {r['published']:,} delivered"
+            + (f", {errors} errors {r['errors']}" if errors else "")
+        )
+
+    alone, batches = m["alone"], m["batches"]
+    return [
+        "",
+        f"Wake-ups beside SET batches ({m['users']} Oxlin long polls, {m['rate']:g} events/s"
+        f" for {m['seconds']:g} s, p50 / p90 / p99 / max): alone {phase(alone)}; while a"
+        f" producer publishes SETs in batches of {batches['batch']} back to back"
+        f" ({batches['sets_per_s']:,.0f} SETs/s) {phase(batches)}.",
+    ]
 
 
 def _waves(results: dict[str, Any]) -> list[str]:

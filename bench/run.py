@@ -26,7 +26,7 @@ from typing import Any
 
 import orjson
 
-from bench import loadgen, procstats, progress, report
+from bench import loadgen, mixed, procstats, progress, report
 from bench.loadgen import Issuer, Spec
 from bench.longpoll import later_waves, long_poll_scenario
 from bench.params import FULL, QUICK
@@ -392,6 +392,8 @@ def main(argv: list[str] | None = None) -> int:
             sets["publish"] = publish_sets(broker, producer, names, p.sets_total // p.sets_clients)
             sets["deliver"] = drain_sets(broker, tokens)
             results["sets"] = sets
+            say("bench: wake-ups beside SET batches")
+            results["mixed"] = mixed.run(broker.port, issuer, p.mixed_s)
         else:
             results["sets"] = {"available": False}
             results["sets"]["pyjwt_ps256_per_s"] = round(pyjwt_ps256_rate(p.sign_s), 1)

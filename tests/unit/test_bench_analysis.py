@@ -194,3 +194,22 @@ def test_a_wave_waits_for_the_last_ones_polls_and_is_skipped_if_they_stay():
     out, notes, seen = _later_waves(_Server(held=1500, clears_after=10**6), lambda k: {}, 2)
     assert out == [] and seen == []
     assert notes == ["broker wave 2 not run: the server still held 1500 polls"]
+
+
+def test_wake_ups_beside_set_batches_are_reported_in_one_paragraph():
+    def phase(batch: int, p99: float, errors: dict[str, int]) -> dict[str, object]:
+        lat = {"p50": 1.9, "p90": 2.5, "p99": p99, "max": 9.0}
+        return {"batch": batch, "published": 400, "delivered": 400, "latency_ms": lat,
+                "sets_per_s": 2630.4 if batch else 0.0, "errors": errors}  # fmt: skip
+
+    mixed = {"users": 200, "rate": 100.0, "seconds": 4.0}
+    lines = report._mixed({**mixed, "alone": phase(0, 3.5, {}), "batches": phase(100, 8.8, {})})
+    text = "".join(lines)
+    assert "alone 1.9 / 2.5 / 3.5 / 9 ms, 400 of 400 delivered;" in text
+    assert "batches of 100 back to back (2,630 SETs/s) 1.9 / 2.5 / 8.8 / 9 ms" in text
+    assert "errors" not in text
+    bad = report._mixed(
+        {**mixed, "alone": phase(0, 3.5, {}), "batches": phase(100, 9, {"sets_503": 2})}
+    )
+    assert "2 errors {'sets_503': 2}" in "".join(bad)
+    assert report._mixed(None) == []  # runs before the scenario, or without OB

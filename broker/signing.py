@@ -157,15 +157,25 @@ class LoopSigning:
 
     def __init__(self, signer: Signer) -> None:
         self._signer = signer
-        self._queue: collections.deque[tuple[bytes, asyncio.Future[bytes]]] = collections.deque()
+        # One entry per publish waiting for signatures: its inputs and their futures; the
+        # head entry is signed from position _next on.
+        self._queue: collections.deque[tuple[list[bytes], list[asyncio.Future[bytes]]]] = (
+            collections.deque()
+        )
+        self._next = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._scheduled = False
 
     async def sign(self, inputs: list[bytes]) -> list[bytes]:
         """The PS256 signatures of `inputs` (JWS signing inputs), in order."""
-        loop = self._loop = asyncio.get_running_loop()
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:
+            # A new loop (the app started again): what an old one queued can never be
+            # answered, and a turn it had scheduled will never run.
+            self._loop, self._queue, self._next = loop, collections.deque(), 0
+            self._scheduled = False
         futures = [loop.create_future() for _ in inputs]
-        self._queue.extend(zip(inputs, futures, strict=True))
+        self._queue.append((inputs, futures))
         if not self._scheduled:
             self._scheduled = True
             loop.call_soon(self._turn)
@@ -174,20 +184,34 @@ class LoopSigning:
         return list(await asyncio.gather(*futures))
 
     def _turn(self) -> None:
-        queue = self._queue
-        while queue:
-            data, future = queue.popleft()
-            if future.done():  # its publish was cancelled (the producer left): not signed
-                continue
-            try:
-                future.set_result(self._signer.signature(data))
-            except Exception as e:  # that publish fails; the others are signed on
-                future.set_exception(e)
-            break
-        if queue and self._loop is not None:
-            self._loop.call_soon(self._turn)
-        else:
-            self._scheduled = False
+        queue, loop = self._queue, self._loop
+        try:
+            while queue:
+                inputs, futures = queue[0]
+                i = self._next
+                if i >= len(inputs):
+                    queue.popleft()
+                    self._next = 0
+                    continue
+                self._next = i + 1
+                if futures[i].done():  # its publish was cancelled (the producer left)
+                    continue
+                try:
+                    signature = self._signer.signature(inputs[i])
+                except Exception as e:
+                    # That publish fails whole: the rest of its batch is not signed.
+                    futures[i].set_exception(e)
+                    for future in futures[i + 1 :]:
+                        future.cancel()
+                else:
+                    futures[i].set_result(signature)
+                break
+        finally:  # whatever happened, the next turn is scheduled or the flag is cleared
+            if queue is self._queue:
+                if queue and loop is not None:
+                    loop.call_soon(self._turn)
+                else:
+                    self._scheduled = False
 
 
 # RSASSA-PSS with SHA-256, MGF1 with SHA-256 and a salt as long as the hash (RFC 7518 §3.5).

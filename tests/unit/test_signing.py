@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -11,7 +12,14 @@ from jwcrypto import jwk, jws
 
 from broker.config import SigningSettings
 from broker.errors import SigningError
-from broker.signing import DEV_KEY_NAME, Signer, load_or_create_dev_key, thumbprint
+from broker.signing import (
+    DEV_KEY_NAME,
+    LoopSigning,
+    Signer,
+    compact_jws,
+    load_or_create_dev_key,
+    thumbprint,
+)
 from tests.ob_helpers import OB_CRIT
 
 
@@ -126,18 +134,16 @@ def test_signing_uses_the_loaded_key_object(tmp_path, monkeypatch):
 async def test_loop_signing_signs_in_order_one_signature_per_loop_turn(tmp_path, monkeypatch):
     """Other callbacks run between two signatures of one batch: a publish of many SETs does
     not hold the loop (and every parked poll's wake-up) for all of its RSA work at once."""
-    import asyncio
-
-    from broker.signing import LoopSigning, compact_jws
-
     signer = Signer.from_settings(SigningSettings(), tmp_path)
     claims = [{"iss": "i", "iat": 1, "jti": f"j{i}", "events": {}} for i in range(4)]
     inputs = [signer.signing_input(c) for c in claims]
     log: list[str] = []
+    signed: list[bytes] = []
     sign = signer.signature
 
     def logged(data: bytes) -> bytes:
         log.append("sig")
+        signed.append(data)
         return sign(data)
 
     monkeypatch.setattr(signer, "signature", logged)
@@ -150,21 +156,21 @@ async def test_loop_signing_signs_in_order_one_signature_per_loop_turn(tmp_path,
 
     signing = LoopSigning(signer)
     loop.call_soon(tick, 10)
-    sigs = await signing.sign(inputs)
+    first = asyncio.ensure_future(signing.sign(inputs[:3]))
+    await asyncio.sleep(0)
+    second = await signing.sign(inputs[3:])  # asked later: signed after the first batch
+    sigs = [*await first, *second]
+    assert signed == inputs  # first come, first signed
     for c, data, sig in zip(claims, inputs, sigs, strict=True):  # each the right signature
         _, got = _verify(signer, compact_jws(data, sig))
         assert got["jti"] == c["jti"]
-    first, last = log.index("sig"), len(log) - 1 - log[::-1].index("sig")
-    between = log[first : last + 1]
+    first_sig, last_sig = log.index("sig"), len(log) - 1 - log[::-1].index("sig")
+    between = log[first_sig : last_sig + 1]
     assert between.count("sig") == 4
     assert "sig,sig" not in ",".join(between)  # never two signatures in one turn
 
 
 async def test_loop_signing_skips_the_signatures_of_a_cancelled_publish(tmp_path, monkeypatch):
-    import asyncio
-
-    from broker.signing import LoopSigning
-
     signer = Signer.from_settings(SigningSettings(), tmp_path)
     made: list[bytes] = []
     sign = signer.signature
@@ -178,25 +184,51 @@ async def test_loop_signing_skips_the_signatures_of_a_cancelled_publish(tmp_path
     gone = asyncio.ensure_future(signing.sign([b"a.b", b"c.d", b"e.f"]))
     await asyncio.sleep(0)  # queued, not yet signed
     gone.cancel()
-    kept = await signing.sign([b"g.h"])  # signed after the cancelled ones are passed over
+    kept = await asyncio.wait_for(signing.sign([b"g.h"]), 10)  # the cancelled ones passed over
     assert made == [b"g.h"] and len(kept) == 1
     with pytest.raises(asyncio.CancelledError):
         await gone
 
 
-async def test_loop_signing_fails_only_the_publish_whose_signature_failed(tmp_path, monkeypatch):
-    from broker.signing import LoopSigning
-
+async def test_a_failed_signature_fails_its_publish_only(tmp_path, monkeypatch):
+    """The rest of the failed publish's batch is not signed; a publish queued beside it is."""
     signer = Signer.from_settings(SigningSettings(), tmp_path)
+    made: list[bytes] = []
     sign = signer.signature
 
     def flaky(data: bytes) -> bytes:
+        made.append(data)
         if data == b"bad":
             raise ValueError("no")
         return sign(data)
 
     monkeypatch.setattr(signer, "signature", flaky)
     signing = LoopSigning(signer)
+    failing = asyncio.ensure_future(signing.sign([b"bad", b"never.signed"]))
+    beside = asyncio.ensure_future(signing.sign([b"x.y"]))
     with pytest.raises(ValueError, match="no"):
-        await signing.sign([b"bad"])
-    assert len(await signing.sign([b"x.y", b"z.w"])) == 2
+        await asyncio.wait_for(failing, 10)
+    assert len(await asyncio.wait_for(beside, 10)) == 1
+    assert made == [b"bad", b"x.y"]
+
+
+def test_loop_signing_goes_on_signing_on_a_new_event_loop(tmp_path):
+    """An app started again on a new loop: what the old loop left queued (a turn it never
+    ran) does not stop the new loop's signatures."""
+    signing = LoopSigning(Signer.from_settings(SigningSettings(), tmp_path))
+
+    left: list[asyncio.Future[list[bytes]]] = []
+
+    async def leave_one_queued() -> None:
+        left.append(asyncio.ensure_future(signing.sign([b"a.b"])))  # its turn never runs
+
+    old = asyncio.new_event_loop()
+    old.run_until_complete(leave_one_queued())
+    old.close()
+    assert not left[0].done()
+    left[0]._log_destroy_pending = False  # type: ignore[attr-defined]  # left on purpose
+
+    async def sign_again() -> list[bytes]:
+        return await asyncio.wait_for(signing.sign([b"c.d", b"e.f"]), 10)
+
+    assert len(asyncio.run(sign_again())) == 2

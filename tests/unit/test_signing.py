@@ -131,6 +131,23 @@ def test_signing_uses_the_loaded_key_object(tmp_path, monkeypatch):
     assert len(set(tokens)) == 5 and all(t.count(".") == 2 for t in tokens)
 
 
+def _recording(signer: Signer, monkeypatch, log: list[str] | None = None) -> list[bytes]:
+    """Record what `signer` signs (and "sig" in `log`); an input b"bad" fails to sign."""
+    made: list[bytes] = []
+    sign = signer.signature
+
+    def recorded(data: bytes) -> bytes:
+        made.append(data)
+        if log is not None:
+            log.append("sig")
+        if data == b"bad":
+            raise ValueError("no")
+        return sign(data)
+
+    monkeypatch.setattr(signer, "signature", recorded)
+    return made
+
+
 async def test_loop_signing_signs_in_order_one_signature_per_loop_turn(tmp_path, monkeypatch):
     """Other callbacks run between two signatures of one batch: a publish of many SETs does
     not hold the loop (and every parked poll's wake-up) for all of its RSA work at once."""
@@ -138,15 +155,7 @@ async def test_loop_signing_signs_in_order_one_signature_per_loop_turn(tmp_path,
     claims = [{"iss": "i", "iat": 1, "jti": f"j{i}", "events": {}} for i in range(4)]
     inputs = [signer.signing_input(c) for c in claims]
     log: list[str] = []
-    signed: list[bytes] = []
-    sign = signer.signature
-
-    def logged(data: bytes) -> bytes:
-        log.append("sig")
-        signed.append(data)
-        return sign(data)
-
-    monkeypatch.setattr(signer, "signature", logged)
+    signed = _recording(signer, monkeypatch, log)
     loop = asyncio.get_running_loop()
 
     def tick(n: int) -> None:  # a callback that re-arms itself each turn, as loop work does
@@ -172,14 +181,7 @@ async def test_loop_signing_signs_in_order_one_signature_per_loop_turn(tmp_path,
 
 async def test_loop_signing_skips_the_signatures_of_a_cancelled_publish(tmp_path, monkeypatch):
     signer = Signer.from_settings(SigningSettings(), tmp_path)
-    made: list[bytes] = []
-    sign = signer.signature
-
-    def kept_track(data: bytes) -> bytes:
-        made.append(data)
-        return sign(data)
-
-    monkeypatch.setattr(signer, "signature", kept_track)
+    made = _recording(signer, monkeypatch)
     signing = LoopSigning(signer)
     gone = asyncio.ensure_future(signing.sign([b"a.b", b"c.d", b"e.f"]))
     await asyncio.sleep(0)  # queued, not yet signed
@@ -193,16 +195,7 @@ async def test_loop_signing_skips_the_signatures_of_a_cancelled_publish(tmp_path
 async def test_a_failed_signature_fails_its_publish_only(tmp_path, monkeypatch):
     """The rest of the failed publish's batch is not signed; a publish queued beside it is."""
     signer = Signer.from_settings(SigningSettings(), tmp_path)
-    made: list[bytes] = []
-    sign = signer.signature
-
-    def flaky(data: bytes) -> bytes:
-        made.append(data)
-        if data == b"bad":
-            raise ValueError("no")
-        return sign(data)
-
-    monkeypatch.setattr(signer, "signature", flaky)
+    made = _recording(signer, monkeypatch)
     signing = LoopSigning(signer)
     failing = asyncio.ensure_future(signing.sign([b"bad", b"never.signed"]))
     beside = asyncio.ensure_future(signing.sign([b"x.y"]))

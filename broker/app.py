@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 from redis.asyncio import Redis
 
-from broker import routing
+from broker import http, routing
 from broker.api import events, health, publish, queues, subscriptions, wellknown
 from broker.appkeys import (
     background_key,
@@ -52,6 +52,7 @@ def create_app(
     blocking_redis: Redis | None = None,
 ) -> web.Application:
     """Build the application. Clients can be injected (tests); else they come from redis.url."""
+    http.hide_versions()
     if redis is None and not settings.redis.url:
         raise ConfigError(
             "Config 'redis.url' is empty: start the embedded server first "

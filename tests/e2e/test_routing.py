@@ -87,3 +87,17 @@ async def test_head_on_a_queue_is_405_and_consumes_nothing(client, auth):
     assert r.status == 405 and r.headers["Allow"] == "GET"
     r = await client.get(loc, headers=auth("u1"))
     assert r.status == 200 and len(await r.json()) == 1
+
+
+async def test_no_answer_names_the_server_software_versions(client, auth):
+    """Security scans flag "Server: Python/3.11 aiohttp/3.x" as version disclosure."""
+    loc = await subscribe(client, auth, "u1")
+    answers = [
+        await client.get("/healthz"),
+        await client.get(loc, headers=auth("u1")),  # 204
+        await client.get("/nothing/here", headers=auth("u1")),  # 404 written by routing
+        await client.post("/events", headers=auth("t1"), json={"returnImmediately": True}),
+        await client.get(loc),  # 401
+    ]
+    for r in answers:
+        assert r.headers["Server"] == "broker", (r.status, r.headers["Server"])

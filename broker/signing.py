@@ -153,6 +153,11 @@ class LoopSigning:
     the loop read its sockets and run the wake-ups between two signatures; the signing
     itself costs the same. The same interface as signproc.SigningProcesses, which takes
     the work off the loop altogether when there are cores to spare.
+    The price: SETs are signed no faster than the loop turns, so a producer sharing a busy
+    loop gets fewer SETs/s. Slices of 1 ms per turn instead of one signature gave it 15%
+    more (2,176-2,197 SETs/s against 1,823-1,909 beside 200 woken polls) but doubled the
+    wake-ups' p50 beside its batches (11.3 ms against 5.1-5.4): a wake-up crosses several
+    loop turns, and each carried up to 1 ms of signing (two paired quick runs, not saved).
     """
 
     def __init__(self, signer: Signer) -> None:

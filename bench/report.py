@@ -132,8 +132,8 @@ def check_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         ("broker_tcp_ob_nonempty", "3. the same over TCP: non-empty (OB)"),
         ("broker_tcp_ob_empty", "3. the same over TCP: empty (OB)"),
     ):
-        if key in t and triv:
-            ratio = t[key]["rps"] / triv
+        ratio = vs_trivial(t.get(key), triv)
+        if ratio is not None:
             row(
                 label,
                 f"{t[key]['rps']:,.0f} req/s = {ratio:.1%} of trivial",
@@ -235,7 +235,7 @@ def markdown(results: dict[str, Any]) -> str:
     out += [
         "",
         "Short polls (wrk, "
-        f"{p['tput_conns']} connections over {p['tput_queues']} queues, {p['tput_s']:.0f} s each):",
+        f"{p['tput_conns']} connections over {p['tput_queues']} queues, {_tput_method(p)}):",
         "",
         "| scenario | req/s | vs trivial aiohttp | server CPU |" + (" stolen |" if stolen else ""),
         "|---|---|---|---|" + ("---|" if stolen else ""),
@@ -265,13 +265,13 @@ def markdown(results: dict[str, Any]) -> str:
         "nchan_nonempty": "Nchan intervalpoll, from its buffer",
         "nchan_empty": "Nchan intervalpoll, empty (304)",
     }
-    for key, r in t.items():
+    for key, r in sorted(t.items(), key=lambda kv: kv[0] != "trivial"):
         extra = ""
         if r.get("non_2xx_3xx") or r.get("socket_errors"):
             extra = f" ({r.get('non_2xx_3xx')} non-2xx, {r.get('socket_errors')} socket errors)"
         if "events_per_poll" in r:
             extra += f" ({r['events_per_poll']} events/poll)"
-        ratio = f"{r['rps'] / triv:.0%}" if triv else "-"
+        ratio = _ratio_cell(r, triv) if key != "trivial" else "100%"
         out.append(
             f"| {names.get(key, key)}{extra} | {r['rps']:,.0f} | {ratio} | "
             f"{r.get('server_cpu_pct', '-')}% |"
@@ -454,3 +454,33 @@ def _kept(h: dict[str, Any]) -> str:
     if grown < 2**20:  # a later wave that reused what the last one left: no share to speak of
         return f"{kept / 2**20:+.1f} MB (it grew {grown / 2**20:.1f} MB)"
     return f"+{kept / 2**20:.0f} of +{grown / 2**20:.0f} MB ({kept / grown:.0%})"
+
+
+def vs_trivial(r: dict[str, Any] | None, trivial_rps: float | None) -> float | None:
+    """A short-poll scenario's rate as a share of the trivial handler's: the median of its
+    paired rounds (bench/throughput.py), or, in results from before the pairing, against
+    the one trivial measurement of the run."""
+    if not r:
+        return None
+    if r.get("vs_trivial") is not None:
+        return float(r["vs_trivial"])
+    return r["rps"] / trivial_rps if trivial_rps else None
+
+
+def _ratio_cell(r: dict[str, Any], trivial_rps: float) -> str:
+    ratio = vs_trivial(r, trivial_rps)
+    if ratio is None:
+        return "-"
+    rounds = [x["rps"] / x["trivial_rps"] for x in r.get("rounds", []) if x["trivial_rps"]]
+    if len(rounds) < 2:
+        return f"{ratio:.0%}"
+    return f"{ratio:.1%} (rounds {min(rounds):.0%}-{max(rounds):.0%})"
+
+
+def _tput_method(p: dict[str, Any]) -> str:
+    if "tput_rounds" not in p:  # results from before the pairing
+        return f"{p['tput_s']:.0f} s each"
+    return (
+        f"{p['tput_rounds']} rounds of {p['tput_round_s']:g} s each, every round right after "
+        "one of the trivial handler; vs trivial: the median of the rounds' ratios"
+    )

@@ -1,0 +1,85 @@
+"""Short polls measured in rounds paired with the trivial handler (bench/throughput.py)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench import report
+from bench.params import QUICK
+from bench.throughput import Throughput, paired_result, pooled
+
+
+def run(rps: float, seconds: float = 1.0, **extra: Any) -> dict[str, Any]:
+    return {
+        "tool": "wrk",
+        "rps": rps,
+        "requests": int(rps * seconds),
+        "non_2xx_3xx": 0,
+        "socket_errors": 0,
+        "seconds": seconds,
+        "server_cpu_pct": 90.0,
+        "steal_pct": 0.0,
+        "p50": "1ms",
+        "p99": "3ms",
+        **extra,
+    }
+
+
+def test_the_ratio_is_the_median_of_each_rounds_own_pair():
+    # The machine halves its speed in the second round: both sides of that pair slow down,
+    # and the pair's ratio is as good as the others'.
+    rounds = [(run(1000), run(500)), (run(400), run(180)), (run(1000), run(600))]
+    r = paired_result(rounds)
+    assert r["vs_trivial"] == pytest.approx(0.5)  # of 0.5, 0.45 and 0.6
+    assert r["rps"] == pytest.approx((500 + 180 + 600) / 3, abs=0.01)
+    assert r["requests"] == 1280
+    assert r["rounds"] == [
+        {"rps": 500, "trivial_rps": 1000},
+        {"rps": 180, "trivial_rps": 400},
+        {"rps": 600, "trivial_rps": 1000},
+    ]
+
+
+def test_pooled_readings_are_weighted_by_time_and_unknown_when_one_run_lacks_them():
+    runs = [run(100, seconds=1.0, server_cpu_pct=50.0), run(100, seconds=3.0, server_cpu_pct=90.0)]
+    assert pooled(runs)["server_cpu_pct"] == pytest.approx(80.0)
+    runs[1]["steal_pct"] = None
+    assert pooled(runs)["steal_pct"] is None
+
+
+def test_measure_runs_the_reference_right_before_each_round_of_the_scenario(tmp_path: Path):
+    class Fake:
+        pid = os.getpid()
+
+        def __init__(self, port: int) -> None:
+            self.port = port
+
+    calls: list[int] = []
+    rates = {1: [1000.0, 800.0], 2: [520.0, 400.0]}
+
+    def fake_run(
+        port: int, reqs: list[Any], seconds: float, conns: int, work: Path
+    ) -> dict[str, Any]:
+        calls.append(port)
+        assert seconds == QUICK.tput_round_s
+        return run(rates[port].pop(0), seconds)
+
+    tp = Throughput(QUICK, tmp_path, have_wrk=True)
+    tp.run = fake_run  # type: ignore[assignment]
+    tp.reference = (Fake(1), [])  # type: ignore[assignment]
+    r = tp.measure(Fake(2), [])  # type: ignore[arg-type]
+    assert calls == [1, 2, 1, 2]
+    assert r["vs_trivial"] == pytest.approx((0.52 + 0.5) / 2)
+    assert tp.reference_result()["rps"] == pytest.approx(900.0)
+
+
+def test_report_uses_the_paired_ratio_and_falls_back_for_older_results():
+    paired = paired_result([(run(1000), run(500)), (run(500), run(300))])
+    assert report.vs_trivial(paired, 10_000.0) == pytest.approx(0.55)
+    assert report.vs_trivial({"rps": 2000.0}, 10_000.0) == pytest.approx(0.2)
+    assert report.vs_trivial({"rps": 2000.0}, None) is None
+    assert report.vs_trivial(None, 10_000.0) is None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any
@@ -65,10 +66,11 @@ def test_measure_runs_the_reference_right_before_each_round_of_the_scenario(tmp_
         port: int, reqs: list[Any], seconds: float, conns: int, work: Path
     ) -> dict[str, Any]:
         calls.append(port)
-        assert seconds == QUICK.tput_round_s
+        assert seconds == params.tput_round_s
         return run(rates[port].pop(0), seconds)
 
-    tp = Throughput(QUICK, tmp_path, have_wrk=True)
+    params = dataclasses.replace(QUICK, tput_rounds=2)
+    tp = Throughput(params, tmp_path, have_wrk=True)
     tp.run = fake_run  # type: ignore[assignment]
     tp.reference = (Fake(1), [])  # type: ignore[assignment]
     r = tp.measure(Fake(2), [])  # type: ignore[arg-type]

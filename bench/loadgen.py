@@ -451,6 +451,19 @@ async def run_bounded(
 # publisher
 
 
+def stored(kind: str, body: bytes) -> bool:
+    """Whether the broker's 202 to a publish says it stored the event.
+
+    Oxlin: {"ids": [...], "queues": N}, N = 0 when no live queue took it. OB:
+    {"jtis": [...], "skipped": [...]}, the SET listed under "skipped" when the client has no
+    event subscription (or none for its type).
+    """
+    doc = orjson.loads(body)
+    if kind == "oxlin":
+        return bool(doc.get("queues", 1) >= 1)
+    return not doc.get("skipped")
+
+
 class Publisher:
     def __init__(self, spec: Spec) -> None:
         self.spec = spec
@@ -509,10 +522,11 @@ class Publisher:
             if not 200 <= resp.status < 300:
                 failures[f"status_{resp.status}"] += 1
                 return
-            # broker 202 {"ids": [...], "queues": N}: N = 0 means no live queue took it
-            oxlin = self.spec.target == "broker" and self.spec.kind(w) == "oxlin"
-            if oxlin and orjson.loads(resp.body).get("queues", 1) < 1:
+            if self.spec.target == "broker" and not stored(self.spec.kind(w), resp.body):
+                # The broker said it kept nothing (the waiter's set-up failed): not an event
+                # it acknowledged, so it can be neither delivered nor lost.
                 unrouted += 1
+                return
             ok.append((w, s))
 
         total = int(rate * duration_s)

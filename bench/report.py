@@ -88,13 +88,15 @@ def check_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             if wake.get(k)
         }
         fails = sum(wake["publish_failures"].values()) if wake["publish_failures"] else 0
+        unstored = wake.get("unrouted", 0)
         row(
             "2. every event delivered exactly once, none lost, unread or stranded",
             f"{wake['delivered']:,}/{wake['published_ok']:,} delivered"
             + (f"; {bad}" if bad else "")
-            + (f"; {fails} publishes failed" if fails else ""),
+            + (f"; {fails} publishes failed" if fails else "")
+            + (f"; {unstored} publishes not stored (waiters' set-up failed)" if unstored else ""),
             "all, once",
-            not bad and wake["delivered"] == wake["published_ok"] and not fails,
+            not bad and wake["delivered"] == wake["published_ok"] and not fails and not unstored,
         )
         clear = hy["seconds_to_clear"]
         row(
@@ -224,6 +226,7 @@ def markdown(results: dict[str, Any]) -> str:
             f"{w['late_1s']} | {w['stranded']} | {_lost(w)} | {w['duplicates']} | "
             f"{h['seconds_to_clear']} s | {_kept(h)} |"
         )
+    out += _setup_notes(results)
     by_api = ((results["long_poll"].get("broker") or {}).get("wake") or {}).get("latency_by_api_ms")
     if by_api and len(by_api) > 1:
         # Half the broker's waiters are OB: their events are SETs, signed (PS256) at publish.
@@ -484,3 +487,22 @@ def _tput_method(p: dict[str, Any]) -> str:
         f"{p['tput_rounds']} rounds of {p['tput_round_s']:g} s each, every round right after "
         "one of the trivial handler; vs trivial: the median of the rounds' ratios"
     )
+
+
+def _setup_notes(results: dict[str, Any]) -> list[str]:
+    """Waiters whose set-up failed, and the publishes that reached them: the broker answered
+    those as not stored (no live queue, or no event subscription), so they are counted
+    neither as published nor as lost."""
+    notes = []
+    for name, r in results["long_poll"].items():
+        errors = r.get("setup_errors") or {}
+        unstored = (r.get("wake") or {}).get("unrouted", 0)
+        if not errors and not unstored:
+            continue
+        failed = ", ".join(f"{k}: {v}" for k, v in sorted(errors.items()))
+        notes.append(
+            f"{LABELS.get(name, name)}: "
+            + (f"{sum(errors.values())} waiters failed to set up ({failed}); " if errors else "")
+            + f"{unstored} publishes were answered as not stored and are not counted."
+        )
+    return ["", *notes] if notes else []

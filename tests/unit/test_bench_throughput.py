@@ -85,3 +85,27 @@ def test_report_uses_the_paired_ratio_and_falls_back_for_older_results():
     assert report.vs_trivial({"rps": 2000.0}, 10_000.0) == pytest.approx(0.2)
     assert report.vs_trivial({"rps": 2000.0}, None) is None
     assert report.vs_trivial(None, 10_000.0) is None
+
+
+def test_a_publish_the_broker_says_it_did_not_store_is_not_counted_as_published():
+    from bench.loadgen import stored
+
+    assert stored("oxlin", b'{"ids":["1"],"queues":1}')
+    assert not stored("oxlin", b'{"ids":["1"],"queues":0}')
+    assert stored("ob", b'{"jtis":["a"]}')
+    skipped = b'{"jtis":[],"skipped":[{"index":0,"reason":"no_subscription"}]}'
+    assert not stored("ob", skipped)
+
+
+def test_the_report_names_failed_set_ups_and_the_publishes_they_turned_away():
+    results = {
+        "long_poll": {
+            "broker": {"setup_errors": {"event-subscription 503": 26}, "wake": {"unrouted": 66}},
+            "memlp": {"setup_errors": {}, "wake": {"unrouted": 0}},
+        }
+    }
+    notes = report._setup_notes(results)
+    assert len(notes) == 2 and notes[0] == ""
+    assert "26 waiters failed to set up (event-subscription 503: 26)" in notes[1]
+    assert "66 publishes were answered as not stored" in notes[1]
+    assert report._setup_notes({"long_poll": {"memlp": {"wake": {}}}}) == []

@@ -42,9 +42,29 @@ async def guard(call: Awaitable[T]) -> T:
     try:
         return await call
     except UNAVAILABLE as e:
+        if _pool_exhausted(e):
+            raise StoreUnavailable(
+                "Redis busy: no pooled connection came free in time (redis.max_connections,"
+                " redis.socket_timeout_s); Redis itself may be fine"
+            ) from e
         raise StoreUnavailable(f"Redis unavailable: {e}") from e
     except redis.exceptions.RedisError as e:
         raise StoreError(f"Redis error: {e}") from e
+
+
+def _pool_exhausted(e: BaseException) -> bool:
+    """redis-py's BlockingConnectionPool gave up waiting for a free connection.
+
+    It says so as a ConnectionError ("No connection available.") raised from its wait's
+    time-out, which reads like an outage in a 503 or a log: an SRE would look at Redis,
+    when the cause is this process's pool being too small for a burst of requests.
+    """
+    # The message too: a connect that timed out can be a ConnectionError from a TimeoutError.
+    return (
+        isinstance(e, redis.exceptions.ConnectionError)
+        and isinstance(e.__cause__, TimeoutError)
+        and str(e) == "No connection available."
+    )
 
 
 async def idempotent(call: Callable[[], Awaitable[T]]) -> T:

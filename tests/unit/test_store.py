@@ -120,3 +120,46 @@ async def test_answered_events_leave_the_stream_one_poll_later(store):
     assert (await store.poll("u1", qid)).count == 0  # nothing left to trim: still fine
     await store.publish("u1", _events(1))
     assert (await store.poll("u1", qid)).count == 1
+
+
+async def test_a_pool_with_no_free_connection_says_busy_not_unavailable(real_redis):
+    """redis-py reports a pool wait that timed out as "No connection available.": the 503
+    must point at the pool, not at Redis (which answers fine here)."""
+    import dataclasses
+
+    from broker.config import RedisSettings
+    from broker.errors import StoreUnavailable
+    from broker.redisconn import create_command_client
+    from broker.store import guard
+
+    settings = dataclasses.replace(RedisSettings(), max_connections=1, socket_timeout_s=0.2)
+    client = create_command_client(real_redis.url, settings)
+    try:
+        held = await client.connection_pool.get_connection()  # the pool's only connection
+        with pytest.raises(StoreUnavailable, match="Redis busy: no pooled connection"):
+            await guard(client.ping())
+        await client.connection_pool.release(held)
+        assert await guard(client.ping())  # free again: served
+    finally:
+        await client.aclose(close_connection_pool=True)  # the pool was handed to the client
+
+
+async def test_redis_that_cannot_be_reached_is_still_reported_unavailable():
+    import dataclasses
+    import socket
+
+    from broker.config import RedisSettings
+    from broker.errors import StoreUnavailable
+    from broker.redisconn import create_command_client
+    from broker.store import guard
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    settings = dataclasses.replace(RedisSettings(), socket_timeout_s=0.5)
+    client = create_command_client(f"redis://127.0.0.1:{port}/0", settings)
+    try:
+        with pytest.raises(StoreUnavailable, match="Redis unavailable"):
+            await guard(client.ping())
+    finally:
+        await client.aclose(close_connection_pool=True)  # the pool was handed to the client

@@ -483,9 +483,12 @@ def _ratio_cell(r: dict[str, Any], trivial_rps: float) -> str:
 def _tput_method(p: dict[str, Any]) -> str:
     if "tput_rounds" not in p:  # results from before the pairing
         return f"{p['tput_s']:.0f} s each"
+    n, secs = p["tput_rounds"], f"{p['tput_round_s']:g} s"
+    if n == 1:
+        return f"one round of {secs}, right after one of the trivial handler, its ratio to it"
     return (
-        f"{p['tput_rounds']} rounds of {p['tput_round_s']:g} s each, every round right after "
-        "one of the trivial handler; vs trivial: the median of the rounds' ratios"
+        f"{n} rounds of {secs} each, every round right after one of the trivial handler; "
+        "vs trivial: the median of the rounds' ratios"
     )
 
 

@@ -109,3 +109,11 @@ def test_the_report_names_failed_set_ups_and_the_publishes_they_turned_away():
     assert "26 waiters failed to set up (event-subscription 503: 26)" in notes[1]
     assert "66 publishes were answered as not stored" in notes[1]
     assert report._setup_notes({"long_poll": {"memlp": {"wake": {}}}}) == []
+
+
+def test_the_method_line_says_how_the_ratios_were_paired():
+    assert "3 rounds of 2 s each" in report._tput_method({"tput_rounds": 3, "tput_round_s": 2.0})
+    assert "median" in report._tput_method({"tput_rounds": 3, "tput_round_s": 2.0})
+    one = report._tput_method({"tput_rounds": 1, "tput_round_s": 1.0})
+    assert one.startswith("one round of 1 s") and "median" not in one
+    assert report._tput_method({"tput_s": 5.0}) == "5 s each"  # results from before pairing

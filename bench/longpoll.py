@@ -111,7 +111,14 @@ def wait_waiting(server: Server, target: int, timeout_s: float) -> int | None:
 
 
 def long_poll_scenario(
-    server: Server, spec: Spec, p: Params, ctx: SpawnContext, redis_port: int, label: str
+    server: Server,
+    spec: Spec,
+    p: Params,
+    ctx: SpawnContext,
+    redis_port: int,
+    label: str,
+    *,
+    redis_pid: int | None = None,
 ) -> dict[str, Any]:
     n = p.waiters
     shares = [list(range(k, n, p.waiter_procs)) for k in range(p.waiter_procs)]
@@ -176,6 +183,8 @@ def long_poll_scenario(
         m0 = server.metrics() if isinstance(server, Broker) else {}
         say(f"  {label}: publishing {p.rate:g}/s for {p.duration_s:g} s")
         steal0 = procstats.machine_steal()
+        # What shares the two cores with the server meanwhile: Redis and the load generator.
+        neighbours0 = _neighbours_cpu(redis_pid, [*workers, publisher])
         publisher.send("publish", n, p.rate, p.duration_s, p.pub_conns)
         samples = [sampler.sample()]
         deadline = time.monotonic() + p.duration_s + 90
@@ -185,6 +194,7 @@ def long_poll_scenario(
                 raise TimeoutError("publisher did not finish")
         pub = publisher.recv()
         publish_steal = procstats.steal_pct(steal0, procstats.machine_steal())
+        neighbours1 = _neighbours_cpu(redis_pid, [*workers, publisher])
         samples.append(sampler.sample())
         ok_count = len(pub["ok"])
         t_drain = time.monotonic()
@@ -275,6 +285,7 @@ def long_poll_scenario(
                 "sweep_errors": sweep_errors,
                 "cpu_pct": round(cpu_run * 100, 1),
                 "steal_pct": publish_steal,
+                **neighbours_pct(neighbours0, neighbours1),
                 "rss_max": max(s["rss"] for s in run_samples),
                 "redis_conns_max": max(s["redis_conns"] for s in run_samples),
                 "waiting_min": min((s["waiting"] or 0) for s in run_samples),
@@ -302,6 +313,31 @@ def long_poll_scenario(
         for wk in [*workers, publisher]:
             wk.stop()
     return out
+
+
+def _neighbours_cpu(redis_pid: int | None, workers: list[Worker]) -> dict[str, float]:
+    """CPU seconds so far of Redis (if its pid is known) and of the load generator's
+    processes, with the monotonic time they were read at."""
+    out = {"t": time.monotonic()}
+    out["loadgen"] = sum(
+        procstats.cpu_seconds(w.proc.pid, tree=False) for w in workers if w.proc.pid is not None
+    )
+    if redis_pid is not None:
+        out["redis"] = procstats.cpu_seconds(redis_pid, tree=False)
+    return out
+
+
+def neighbours_pct(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """`redis_cpu_pct` and `loadgen_cpu_pct` between two _neighbours_cpu() readings, in % of
+    one core (the machine has os.cpu_count() of them)."""
+    elapsed = after["t"] - before["t"]
+    if elapsed <= 0:
+        return {}
+    return {
+        f"{k}_cpu_pct": round((after[k] - before[k]) / elapsed * 100, 1)
+        for k in ("redis", "loadgen")
+        if k in before and k in after
+    }
 
 
 def later_waves(

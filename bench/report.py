@@ -227,6 +227,7 @@ def markdown(results: dict[str, Any]) -> str:
             f"{h['seconds_to_clear']} s | {_kept(h)} |"
         )
     out += _setup_notes(results)
+    out += _neighbours(results)
     by_api = ((results["long_poll"].get("broker") or {}).get("wake") or {}).get("latency_by_api_ms")
     if by_api and len(by_api) > 1:
         # Half the broker's waiters are OB: their events are SETs, signed (PS256) at publish.
@@ -509,3 +510,24 @@ def _setup_notes(results: dict[str, Any]) -> list[str]:
             + f"{unstored} publishes were answered as not stored and are not counted."
         )
     return ["", *notes] if notes else []
+
+
+def _neighbours(results: dict[str, Any]) -> list[str]:
+    """What else ran on the machine's cores while each target's events were published."""
+    parts = []
+    for name, r in results["long_poll"].items():
+        w = r.get("wake") or {}
+        if "loadgen_cpu_pct" not in w:  # results from before the kit read it
+            continue
+        redis = f"Redis {w['redis_cpu_pct']}%, " if "redis_cpu_pct" in w else ""
+        parts.append(
+            f"{LABELS.get(name, name)}: itself {w.get('cpu_pct', '?')}%, {redis}"
+            f"the load generator {w['loadgen_cpu_pct']}%"
+        )
+    if not parts:
+        return []
+    cpus = results.get("machine", {}).get("cpus", "?")
+    return [
+        "",
+        f"CPU while publishing, in % of one core ({cpus} in all): " + "; ".join(parts) + ".",
+    ]

@@ -270,7 +270,13 @@ def main(argv: list[str] | None = None) -> int:
             )
             try:
                 results["long_poll"][name] = long_poll_scenario(
-                    server, spec, p, ctx, redis.port, name
+                    server,
+                    spec,
+                    p,
+                    ctx,
+                    redis.port,
+                    name,
+                    redis_pid=redis.process.pid if redis.process else None,
                 )
                 results["long_poll"][name]["waves"] = later_waves(
                     server, spec, p, ctx, redis.port, args.waves, notes

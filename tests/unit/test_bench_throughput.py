@@ -117,3 +117,32 @@ def test_the_method_line_says_how_the_ratios_were_paired():
     one = report._tput_method({"tput_rounds": 1, "tput_round_s": 1.0})
     assert one.startswith("one round of 1 s") and "median" not in one
     assert report._tput_method({"tput_s": 5.0}) == "5 s each"  # results from before pairing
+
+
+def test_neighbours_cpu_is_a_share_of_one_core_over_the_elapsed_time():
+    from bench.longpoll import neighbours_pct
+
+    before = {"t": 10.0, "loadgen": 1.0, "redis": 2.0}
+    after = {"t": 12.0, "loadgen": 1.5, "redis": 2.6}
+    assert neighbours_pct(before, after) == {"redis_cpu_pct": 30.0, "loadgen_cpu_pct": 25.0}
+    # Redis's pid unknown (not read): only the load generator
+    assert neighbours_pct({"t": 1.0, "loadgen": 0.0}, {"t": 2.0, "loadgen": 0.5}) == {
+        "loadgen_cpu_pct": 50.0
+    }
+    assert neighbours_pct(after, after) == {}
+
+
+def test_the_report_lists_what_ran_beside_each_server_while_publishing():
+    results = {
+        "machine": {"cpus": 2},
+        "long_poll": {
+            "broker": {"wake": {"cpu_pct": 85.0, "redis_cpu_pct": 28.0, "loadgen_cpu_pct": 27.5}},
+            "memlp": {"wake": {"cpu_pct": 41.0}},  # an older result: nothing said of it
+        },
+    }
+    (blank, line) = report._neighbours(results)
+    assert blank == ""
+    assert "(2 in all)" in line
+    assert "itself 85.0%, Redis 28.0%, the load generator 27.5%" in line
+    assert "in-memory" not in line
+    assert report._neighbours({"long_poll": {"memlp": {"wake": {}}}}) == []

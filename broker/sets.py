@@ -24,7 +24,7 @@ from redis.asyncio import Redis
 from broker import jsonutil, keyspace
 from broker.resp import Arg, PackedArgs, number
 from broker.scripts import Args, RedisPyRunner, Script, ScriptRunner
-from broker.store import UNAVAILABLE, guard
+from broker.store import UNAVAILABLE, fail_if_busy, guard
 
 QUEUED = 1
 NO_SUBSCRIPTION = 0
@@ -161,7 +161,8 @@ class SetStore:
         # (idempotent() by hand: no closure and no extra coroutine on every poll.)
         try:
             reply = await self.runner.run(self._poll, keys, args)
-        except UNAVAILABLE:
+        except UNAVAILABLE as e:
+            fail_if_busy(e)
             reply = await guard(self.runner.run(self._poll, keys, args))
         acked, nacked, expired, more, next_ms, flat = reply
         if not flat and not (acked or nacked or expired or more) and int(next_ms) < 0:

@@ -42,14 +42,27 @@ async def guard(call: Awaitable[T]) -> T:
     try:
         return await call
     except UNAVAILABLE as e:
-        if _pool_exhausted(e):
-            raise StoreUnavailable(
-                "Redis busy: no pooled connection came free in time (redis.max_connections,"
-                " redis.socket_timeout_s); Redis itself may be fine"
-            ) from e
-        raise StoreUnavailable(f"Redis unavailable: {e}") from e
+        raise _unavailable(e) from e
     except redis.exceptions.RedisError as e:
         raise StoreError(f"Redis error: {e}") from e
+
+
+def _unavailable(e: BaseException) -> StoreUnavailable:
+    if _pool_exhausted(e):
+        # Neutral on the cause: the pool's wait has the commands' time-out, so a Redis that
+        # stopped answering also leaves the requests queued behind it here.
+        return StoreUnavailable(
+            "Redis busy: no pooled connection came free within redis.socket_timeout_s (all"
+            " in use: redis.max_connections too small for the load, or Redis slow to answer)"
+        )
+    return StoreUnavailable(f"Redis unavailable: {e}")
+
+
+def fail_if_busy(e: BaseException) -> None:
+    """Before retrying a call that failed on its connection: if the pool had none free, a
+    retry would only wait as long again for the same pool; fail now instead."""
+    if _pool_exhausted(e):
+        raise _unavailable(e) from e
 
 
 def _pool_exhausted(e: BaseException) -> bool:
@@ -78,8 +91,8 @@ async def idempotent(call: Callable[[], Awaitable[T]]) -> T:
     """
     try:
         return await call()
-    except UNAVAILABLE:
-        pass
+    except UNAVAILABLE as e:
+        fail_if_busy(e)
     return await guard(call())
 
 
@@ -170,7 +183,8 @@ class QueueStore:
         # idempotent() by hand: no closure and no extra coroutine on every poll.
         try:
             reply = await self.runner.run(self._poll, keys, args)
-        except UNAVAILABLE:
+        except UNAVAILABLE as e:
+            fail_if_busy(e)
             reply = await guard(self.runner.run(self._poll, keys, args))
         if not reply:
             return None

@@ -130,7 +130,7 @@ async def test_a_pool_with_no_free_connection_says_busy_not_unavailable(real_red
     from broker.config import RedisSettings
     from broker.errors import StoreUnavailable
     from broker.redisconn import create_command_client
-    from broker.store import guard
+    from broker.store import guard, idempotent
 
     settings = dataclasses.replace(RedisSettings(), max_connections=1, socket_timeout_s=0.2)
     client = create_command_client(real_redis.url, settings)
@@ -138,6 +138,16 @@ async def test_a_pool_with_no_free_connection_says_busy_not_unavailable(real_red
         held = await client.connection_pool.get_connection()  # the pool's only connection
         with pytest.raises(StoreUnavailable, match="Redis busy: no pooled connection"):
             await guard(client.ping())
+        # A retry-safe call is not retried then: it would only wait as long again.
+        calls = []
+
+        def ping():
+            calls.append(1)
+            return client.ping()
+
+        with pytest.raises(StoreUnavailable, match="Redis busy"):
+            await idempotent(ping)
+        assert len(calls) == 1
         await client.connection_pool.release(held)
         assert await guard(client.ping())  # free again: served
     finally:

@@ -392,6 +392,7 @@ def wave_summary(wave: int, r: dict[str, Any]) -> dict[str, Any]:
     w, h = r["wake"], r["hygiene"]
     kept = (
         "published_ok",
+        "unrouted",
         "delivered",
         "late_1s",
         "stranded",

@@ -17,7 +17,7 @@ class Params:
     jitter: float = 0.2
     max_wait_s: float = 30.0  # the broker's poll.max_wait_s, also the hygiene deadline
     pub_conns: int = 32
-    # Short polls are measured in rounds, each right after a round of the trivial handler
+    # Short polls are measured in rounds, each beside a round of the trivial handler
     # (bench/throughput.py: these machines change speed within seconds).
     tput_rounds: int = 3
     tput_round_s: float = 2.0

@@ -94,7 +94,7 @@ def check_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             f"{wake['delivered']:,}/{wake['published_ok']:,} delivered"
             + (f"; {bad}" if bad else "")
             + (f"; {fails} publishes failed" if fails else "")
-            + (f"; {unstored} publishes not stored (waiters' set-up failed)" if unstored else ""),
+            + (f"; {unstored} publishes answered as not stored" if unstored else ""),
             "all, once",
             not bad and wake["delivered"] == wake["published_ok"] and not fails and not unstored,
         )
@@ -488,7 +488,8 @@ def _tput_method(p: dict[str, Any]) -> str:
     if n == 1:
         return f"one round of {secs}, right after one of the trivial handler, its ratio to it"
     return (
-        f"{n} rounds of {secs} each, every round right after one of the trivial handler; "
+        f"{n} rounds of {secs} each, every round beside one of the trivial handler (after it,"
+        " then before it, in turn); "
         "vs trivial: the median of the rounds' ratios"
     )
 
@@ -499,16 +500,28 @@ def _setup_notes(results: dict[str, Any]) -> list[str]:
     neither as published nor as lost."""
     notes = []
     for name, r in results["long_poll"].items():
-        errors = r.get("setup_errors") or {}
-        unstored = (r.get("wake") or {}).get("unrouted", 0)
-        if not errors and not unstored:
-            continue
-        failed = ", ".join(f"{k}: {v}" for k, v in sorted(errors.items()))
-        notes.append(
-            f"{LABELS.get(name, name)}: "
-            + (f"{sum(errors.values())} waiters failed to set up ({failed}); " if errors else "")
-            + f"{unstored} publishes were answered as not stored and are not counted."
-        )
+        runs = [(LABELS.get(name, name), r.get("setup_errors"), (r.get("wake") or {}))]
+        runs += [
+            (f"{LABELS.get(name, name)}, wave {w['wave']}", w.get("setup_errors"), w)
+            for w in r.get("waves") or []
+        ]
+        for label, errors, wake in runs:
+            errors = errors or {}
+            unstored = wake.get("unrouted") or 0
+            if not errors and not unstored:
+                continue
+            failed = ", ".join(f"{k}: {v}" for k, v in sorted(errors.items()))
+            note = f"{label}: "
+            if errors:
+                note += f"{sum(errors.values())} waiters failed to set up ({failed})"
+            if unstored:
+                note += "; " if errors else ""
+                # Oxlin: no live queue took it; OB: listed under "skipped" (no subscription).
+                note += (
+                    f"{unstored} publishes were answered as not stored (no live queue or no"
+                    " event subscription) and are not counted as published"
+                )
+            notes.append(note + ".")
     return ["", *notes] if notes else []
 
 

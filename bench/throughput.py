@@ -116,9 +116,9 @@ class Throughput:
 
     Why pairs: these machines change speed by up to 2x within seconds (a pure-Python loop
     timed every 0.2 s took 19 or 35 ms), so a scenario measured a minute after the trivial
-    handler could be judged against a different machine. Each round runs the trivial handler,
-    then the scenario, back to back for `tput_round_s` each; the ratio reported is the median
-    of the rounds' ratios, and every round is kept in the results.
+    handler could be judged against a different machine. Each round runs the trivial handler
+    and the scenario back to back for `tput_round_s` each (each first in turn); the ratio
+    reported is the median of the rounds' ratios, and every round is kept in the results.
     """
 
     def __init__(self, p: Params, work: Path, have_wrk: bool) -> None:
@@ -146,10 +146,17 @@ class Throughput:
             return self.once(server, reqs, self.p.tput_scenario_s)
         ref_server, ref_reqs = self.reference
         rounds = []
-        for _ in range(self.p.tput_rounds):
-            ref = self.once(ref_server, ref_reqs, self.p.tput_round_s)
+        for k in range(self.p.tput_rounds):
+            # The order alternates: a machine drifting one way over a few seconds would
+            # otherwise bias every pair alike, which the median does not undo.
+            if k % 2 == 0:
+                ref = self.once(ref_server, ref_reqs, self.p.tput_round_s)
+                run = self.once(server, reqs, self.p.tput_round_s)
+            else:
+                run = self.once(server, reqs, self.p.tput_round_s)
+                ref = self.once(ref_server, ref_reqs, self.p.tput_round_s)
             self.reference_rounds.append(ref)
-            rounds.append((ref, self.once(server, reqs, self.p.tput_round_s)))
+            rounds.append((ref, run))
         return paired_result(rounds)
 
     def reference_result(self) -> dict[str, Any]:
@@ -186,11 +193,13 @@ def _weighted(runs: list[dict[str, Any]], key: str, seconds: float) -> float | N
 
 
 def paired_result(rounds: list[tuple[dict[str, Any], dict[str, Any]]]) -> dict[str, Any]:
-    """A scenario measured in rounds, each right after the reference: pooled, plus
+    """A scenario measured in rounds, each paired with one of the reference: pooled, plus
     `vs_trivial`, the median of the rounds' ratios (a round is compared with its own pair)."""
     out = pooled([r for _ref, r in rounds])
     ratios = [r["rps"] / ref["rps"] for ref, r in rounds if ref["rps"]]
     out["vs_trivial"] = round(statistics.median(ratios), 4) if ratios else None
+    # A reference round that measured nothing (wrk printed no rate) judges nothing: said so.
+    out["rounds_without_reference"] = len(rounds) - len(ratios)
     out["rounds"] = [
         {"rps": round(r["rps"], 1), "trivial_rps": round(ref["rps"], 1)} for ref, r in rounds
     ]

@@ -38,6 +38,7 @@ def test_the_ratio_is_the_median_of_each_rounds_own_pair():
     assert r["vs_trivial"] == pytest.approx(0.5)  # of 0.5, 0.45 and 0.6
     assert r["rps"] == pytest.approx((500 + 180 + 600) / 3, abs=0.01)
     assert r["requests"] == 1280
+    assert r["rounds_without_reference"] == 0
     assert r["rounds"] == [
         {"rps": 500, "trivial_rps": 1000},
         {"rps": 180, "trivial_rps": 400},
@@ -52,7 +53,7 @@ def test_pooled_readings_are_weighted_by_time_and_unknown_when_one_run_lacks_the
     assert pooled(runs)["steal_pct"] is None
 
 
-def test_measure_runs_the_reference_right_before_each_round_of_the_scenario(tmp_path: Path):
+def test_measure_pairs_each_round_with_the_reference_first_then_last(tmp_path: Path):
     class Fake:
         pid = os.getpid()
 
@@ -74,7 +75,7 @@ def test_measure_runs_the_reference_right_before_each_round_of_the_scenario(tmp_
     tp.run = fake_run  # type: ignore[assignment]
     tp.reference = (Fake(1), [])  # type: ignore[assignment]
     r = tp.measure(Fake(2), [])  # type: ignore[arg-type]
-    assert calls == [1, 2, 1, 2]
+    assert calls == [1, 2, 2, 1]  # the order alternates: a steady drift cancels out
     assert r["vs_trivial"] == pytest.approx((0.52 + 0.5) / 2)
     assert tp.reference_result()["rps"] == pytest.approx(900.0)
 
@@ -87,7 +88,7 @@ def test_report_uses_the_paired_ratio_and_falls_back_for_older_results():
     assert report.vs_trivial(None, 10_000.0) is None
 
 
-def test_a_publish_the_broker_says_it_did_not_store_is_not_counted_as_published():
+def test_stored_reads_the_brokers_answer_to_a_publish():
     from bench.loadgen import stored
 
     assert stored("oxlin", b'{"ids":["1"],"queues":1}')
@@ -100,14 +101,23 @@ def test_a_publish_the_broker_says_it_did_not_store_is_not_counted_as_published(
 def test_the_report_names_failed_set_ups_and_the_publishes_they_turned_away():
     results = {
         "long_poll": {
-            "broker": {"setup_errors": {"event-subscription 503": 26}, "wake": {"unrouted": 66}},
+            "broker": {
+                "setup_errors": {"event-subscription 503": 26},
+                "wake": {"unrouted": 66},
+                "waves": [
+                    {"wave": 2, "setup_errors": {}, "unrouted": 0},
+                    {"wave": 3, "setup_errors": {}, "unrouted": 4},  # no set-up error named
+                ],
+            },
             "memlp": {"setup_errors": {}, "wake": {"unrouted": 0}},
         }
     }
     notes = report._setup_notes(results)
-    assert len(notes) == 2 and notes[0] == ""
+    assert len(notes) == 3 and notes[0] == ""
     assert "26 waiters failed to set up (event-subscription 503: 26)" in notes[1]
     assert "66 publishes were answered as not stored" in notes[1]
+    assert notes[2].startswith("broker (1 worker, Redis), wave 3: 4 publishes were answered")
+    assert "set up" not in notes[2]  # the cause is not guessed
     assert report._setup_notes({"long_poll": {"memlp": {"wake": {}}}}) == []
 
 
@@ -146,3 +156,39 @@ def test_the_report_lists_what_ran_beside_each_server_while_publishing():
     assert "itself 85.0%, Redis 28.0%, the load generator 27.5%" in line
     assert "in-memory" not in line
     assert report._neighbours({"long_poll": {"memlp": {"wake": {}}}}) == []
+
+
+async def test_a_publish_answered_as_not_stored_is_not_counted_as_published(
+    aiohttp_server: Any, tmp_path: Path
+):
+    """Publisher.run against a stub broker: Oxlin waiters (even) get "queues": 0, OB ones
+    (odd) "skipped"; none of them is an event the broker acknowledged."""
+    from aiohttp import web
+
+    from bench.loadgen import Publisher, Spec
+
+    answers = {
+        "events": b'{"ids":["1"],"queues":0}',
+        "sets": b'{"jtis":[],"skipped":[{"index":0,"reason":"no_subscription"}]}',
+    }
+
+    async def publish(request: web.Request) -> web.Response:
+        return web.Response(status=202, body=answers[request.match_info["what"]])
+
+    app = web.Application()
+    app.router.add_post("/publish/{kind}/{who}/{what}", publish)
+    server = await aiohttp_server(app)
+    spec = Spec("broker", server.port, "t", data_dir=str(tmp_path), ob=True)
+    pub = await Publisher(spec).run(n_waiters=10, rate=200.0, duration_s=0.1, conns=2)
+    assert pub["attempted"] == 20
+    assert pub["ok"] == [] and pub["unrouted"] == 20 and not pub["failures"]
+    answers["events"] = b'{"ids":["1"],"queues":1}'  # stored: counted
+    answers["sets"] = b'{"jtis":["a"]}'
+    pub = await Publisher(spec).run(n_waiters=10, rate=200.0, duration_s=0.1, conns=2)
+    assert len(pub["ok"]) == 20 and pub["unrouted"] == 0
+
+
+def test_a_reference_round_that_measured_nothing_is_left_out_and_counted():
+    r = paired_result([(run(0.0), run(500)), (run(1000), run(400))])
+    assert r["vs_trivial"] == pytest.approx(0.4)
+    assert r["rounds_without_reference"] == 1

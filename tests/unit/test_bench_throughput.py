@@ -8,8 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 
 from bench import report
+from bench.loadgen import Publisher, Spec, stored
+from bench.longpoll import neighbours_pct
 from bench.params import QUICK
 from bench.throughput import Throughput, paired_result, pooled
 
@@ -89,8 +92,6 @@ def test_report_uses_the_paired_ratio_and_falls_back_for_older_results():
 
 
 def test_stored_reads_the_brokers_answer_to_a_publish():
-    from bench.loadgen import stored
-
     assert stored("oxlin", b'{"ids":["1"],"queues":1}')
     assert not stored("oxlin", b'{"ids":["1"],"queues":0}')
     assert stored("ob", b'{"jtis":["a"]}')
@@ -130,8 +131,6 @@ def test_the_method_line_says_how_the_ratios_were_paired():
 
 
 def test_neighbours_cpu_is_a_share_of_one_core_over_the_elapsed_time():
-    from bench.longpoll import neighbours_pct
-
     before = {"t": 10.0, "loadgen": 1.0, "redis": 2.0}
     after = {"t": 12.0, "loadgen": 1.5, "redis": 2.6}
     assert neighbours_pct(before, after) == {"redis_cpu_pct": 30.0, "loadgen_cpu_pct": 25.0}
@@ -163,10 +162,6 @@ async def test_a_publish_answered_as_not_stored_is_not_counted_as_published(
 ):
     """Publisher.run against a stub broker: Oxlin waiters (even) get "queues": 0, OB ones
     (odd) "skipped"; none of them is an event the broker acknowledged."""
-    from aiohttp import web
-
-    from bench.loadgen import Publisher, Spec
-
     answers = {
         "events": b'{"ids":["1"],"queues":0}',
         "sets": b'{"jtis":[],"skipped":[{"index":0,"reason":"no_subscription"}]}',

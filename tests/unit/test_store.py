@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
+import socket
+
 import pytest
 
 from broker import keyspace
+from broker.config import RedisSettings
+from broker.errors import StoreUnavailable
 from broker.oxlin import encode_events
-from broker.store import NOTHING, QueueStore
+from broker.redisconn import create_command_client
+from broker.store import NOTHING, QueueStore, guard, idempotent
 from tests.oxlin_helpers import connection_event
 
 
@@ -125,13 +131,6 @@ async def test_answered_events_leave_the_stream_one_poll_later(store):
 async def test_a_pool_with_no_free_connection_says_busy_not_unavailable(real_redis):
     """redis-py reports a pool wait that timed out as "No connection available.": the 503
     must point at the pool, not at Redis (which answers fine here)."""
-    import dataclasses
-
-    from broker.config import RedisSettings
-    from broker.errors import StoreUnavailable
-    from broker.redisconn import create_command_client
-    from broker.store import guard, idempotent
-
     settings = dataclasses.replace(RedisSettings(), max_connections=1, socket_timeout_s=0.2)
     client = create_command_client(real_redis.url, settings)
     try:
@@ -155,14 +154,6 @@ async def test_a_pool_with_no_free_connection_says_busy_not_unavailable(real_red
 
 
 async def test_redis_that_cannot_be_reached_is_still_reported_unavailable():
-    import dataclasses
-    import socket
-
-    from broker.config import RedisSettings
-    from broker.errors import StoreUnavailable
-    from broker.redisconn import create_command_client
-    from broker.store import guard
-
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

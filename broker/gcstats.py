@@ -39,6 +39,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from broker import heapcare
+
 log = logging.getLogger(__name__)
 
 # Generation 0 collects every 2,000 net allocations (~1 ms); 1 and 2 never do on their own.
@@ -128,22 +130,44 @@ class GcPolicy:
                 # peak): their new entries would be as scattered, and each of them would have
                 # its token verified again for nothing.
                 if settled and waiting <= self._peak // 2:
-                    self._mass_disconnect_hook()
-                self.collect_all()
+                    self.collect_after_mass_disconnect(loop)
+                else:
+                    self.collect_all()
                 vanished = False
                 self._peak = waiting
                 next_full = loop.time() + self.full_interval_s
             gc.freeze()
 
-    def _mass_disconnect_hook(self) -> None:
-        if self.on_mass_disconnect is None:
-            return
+    def collect_after_mass_disconnect(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The maintenance collection, with what would pin the freed pages let go first.
+
+        The app's caches (on_mass_disconnect) and the process's (broker/heapcare.py) are
+        dropped before the collection; the FutureIter free list is remade after the trim,
+        when its new entries can come out of one free block, and the heap trimmed again for
+        the pages its old entries held.
+        """
+        # None of these failing may end the policy: without it the young collections' pauses
+        # grow back and no maintenance collection runs again.
+        if self.on_mass_disconnect is not None:
+            try:
+                self.on_mass_disconnect()
+            except Exception:
+                log.exception("gc policy: the mass-disconnect hook failed")
+        dropped: dict[str, int] = {}
         try:
-            self.on_mass_disconnect()
+            dropped = heapcare.release_caches()
         except Exception:
-            # Never the end of the policy: without it the young collections' pauses grow
-            # back and no maintenance collection runs again.
-            log.exception("gc policy: the mass-disconnect hook failed")
+            log.exception("gc policy: dropping the process's caches failed")
+        self.collect_all()
+        try:
+            heapcare.renew_future_iter_freelist(loop)
+        except Exception:
+            log.exception("gc policy: renewing the FutureIter free list failed")
+        _malloc_trim()
+        log.info(
+            "mass disconnect: heap trimmed after dropping %s",
+            ", ".join(f"{n} {what}" for what, n in dropped.items()) or "nothing",
+        )
 
     def collect_all(self) -> None:
         gc.unfreeze()

@@ -31,6 +31,17 @@ def _random16() -> bytes:
 os.register_at_fork(after_in_child=_pool.clear)
 
 
+def clear_pool() -> int:
+    """Drop the unused pieces (the next id fetches a fresh chunk); returns how many.
+
+    For after a mass disconnect (broker/heapcare.py): a refill made while the heap was full
+    put its 255 small pieces in whatever holes the heap had, and each one left pins a page.
+    """
+    dropped = len(_pool)
+    _pool.clear()
+    return dropped
+
+
 def token_hex() -> str:
     """128 random bits as 32 hex digits, from the same pool (no system call per id).
 

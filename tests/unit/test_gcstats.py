@@ -7,6 +7,7 @@ import gc
 
 import pytest
 
+from broker import ids
 from broker.gcstats import GcPolicy, GcStats
 
 
@@ -210,3 +211,29 @@ async def test_a_failing_mass_disconnect_hook_is_logged_and_the_policy_goes_on(c
     await policy.stop()
     assert "the mass-disconnect hook failed" in caplog.text
     assert policy.full_collections >= 2  # the collection it came with, and a periodic one
+
+
+async def test_a_mass_disconnect_lets_go_of_the_process_caches(caplog):
+    caplog.set_level("INFO", logger="broker.gcstats")
+    ids.clear_pool()
+    ids.uuid4()  # the random-id pool holds the rest of a chunk
+    collections, _before = await _replay([5000, 5000, 100, 100])
+    assert collections == 1
+    assert ids.clear_pool() == 0  # dropped before the collection
+    assert "heap trimmed after dropping" in caplog.text
+    assert "random_ids" in caplog.text
+
+
+async def test_the_periodic_collection_keeps_the_process_caches(caplog):
+    caplog.set_level("INFO", logger="broker.gcstats")
+    ids.clear_pool()
+    ids.uuid4()  # the random-id pool holds the rest of a chunk
+    policy = GcPolicy(
+        freeze_interval_s=0.01, full_interval_s=0.05, load=lambda: 10000, check_interval_s=0.01
+    )
+    policy.start()
+    await asyncio.sleep(0.3)
+    await policy.stop()
+    assert policy.full_collections >= 2
+    assert ids.clear_pool() > 0  # a steady load keeps its pool
+    assert "heap trimmed after dropping" not in caplog.text

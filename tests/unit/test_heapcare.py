@@ -1,0 +1,65 @@
+"""What the broker lets go of after a mass disconnect, so that freed pages can be trimmed."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from typing import Any
+
+from aiohttp import web
+
+from broker import heapcare, ids
+
+
+class _Probe:
+    pass
+
+
+def test_the_type_cache_lets_go_of_the_names_it_looked_up():
+    # A fresh string, as C code passes it (cryptography's `digest_size` on every signature).
+    name = "".join(["never_", "an_attribute"])
+    before = sys.getrefcount(name)
+    getattr(_Probe(), name, None)
+    assert sys.getrefcount(name) > before  # the cache holds it: the case this is about
+    heapcare.release_caches()
+    assert sys.getrefcount(name) == before
+
+
+async def test_the_url_caches_aiohttp_fills_are_cleared(aiohttp_client: Any):
+    async def ok(_request: web.Request) -> web.Response:
+        return web.Response(status=204)
+
+    app = web.Application()
+    app.router.add_get("/queues/{queue_id}", ok)
+    client = await aiohttp_client(app)
+    heapcare.release_caches()
+    for i in range(3):
+        r = await client.get(f"/queues/q{i}?wait=1")
+        assert r.status == 204
+    # If a yarl release moved its caches, this finds none and says so.
+    assert heapcare.release_caches()["yarl_urls"] >= 3
+    assert heapcare.release_caches()["yarl_urls"] == 0
+
+
+def test_the_random_id_pool_is_dropped_and_refills():
+    ids.clear_pool()
+    ids.uuid4()  # fetches a chunk: the rest stays in the pool
+    dropped = heapcare.release_caches()["random_ids"]
+    assert dropped > 0
+    assert ids.clear_pool() == 0
+    fresh = {ids.uuid4() for _ in range(300)}  # refills (twice) after the drop
+    assert len(fresh) == 300
+
+
+async def test_the_future_iter_free_list_is_remade_from_new_memory():
+    loop = asyncio.get_running_loop()
+    fut = loop.create_future()
+    held = [iter(fut) for _ in range(600)]  # empties the free list and keeps it empty
+    listed = [iter(fut) for _ in range(255)]
+    listed_at = {id(x) for x in listed}
+    del listed  # the free list is empty: all 255 go into it, memory and all
+    heapcare.renew_future_iter_freelist(loop)
+    after = [iter(fut) for _ in range(255)]  # served from the free list
+    assert not listed_at & {id(x) for x in after}
+    del held, after
+    fut.cancel()

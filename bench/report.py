@@ -175,6 +175,23 @@ def _fmt_lat(lat: dict[str, Any]) -> str:
     return f"{lat['p50']} / {lat['p90']} / {lat['p99']} / {lat['max']:.0f}"
 
 
+def _transport_note(results: dict[str, Any]) -> list[str]:
+    """How the broker reached Redis for its short polls, and whether they were repeated."""
+    if results.get("broker_redis_transport", {}).get("throughput") != "unix":
+        return []
+    repeated = any(k.startswith("broker_tcp_") for k in results["throughput"])
+    how = (
+        'the rows "over TCP" repeat its polls over TCP loopback, as the long polls above ran.'
+        if repeated
+        else "this run did not repeat them over TCP (full runs do)."
+    )
+    return [
+        "The broker reaches Redis over its Unix socket here (as `serve` does with its "
+        f"embedded server); {how}",
+        "",
+    ]
+
+
 def markdown(results: dict[str, Any]) -> str:
     p = results["params"]
     m = results.get("machine", {})
@@ -244,14 +261,7 @@ def markdown(results: dict[str, Any]) -> str:
         "| scenario | req/s | vs trivial aiohttp | server CPU |" + (" stolen |" if stolen else ""),
         "|---|---|---|---|" + ("---|" if stolen else ""),
     ]
-    transport = results.get("broker_redis_transport", {})
-    if transport.get("throughput") == "unix":
-        out[-2:-2] = [
-            "The broker reaches Redis over its Unix socket here (as `serve` does with its "
-            'embedded server); the rows "over TCP" repeat its polls over TCP loopback, as '
-            "the long polls above ran.",
-            "",
-        ]
+    out[-2:-2] = _transport_note(results)
     t = results["throughput"]
     triv = t.get("trivial", {}).get("rps") or 0
     names = {

@@ -375,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
 
         say(f"  broker: short polls (Redis over {'Unix socket' if redis.unix_socket else 'TCP'})")
         short_polls(broker, "broker_")
-        if redis.unix_socket:
+        if redis.unix_socket and p.tput_tcp_repeat:
             # Right after, the same polls with the broker on TCP loopback (as with a Redis on
             # another host); then back on the socket for the SETs.
             stop(broker)

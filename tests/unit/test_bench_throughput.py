@@ -187,3 +187,13 @@ def test_a_reference_round_that_measured_nothing_is_left_out_and_counted():
     r = paired_result([(run(0.0), run(500)), (run(1000), run(400))])
     assert r["vs_trivial"] == pytest.approx(0.4)
     assert r["rounds_without_reference"] == 1
+
+
+def test_the_report_says_whether_the_short_polls_were_repeated_over_tcp():
+    unix = {"broker_redis_transport": {"throughput": "unix"}}
+    full = {**unix, "throughput": {"broker_oxlin_empty": {}, "broker_tcp_oxlin_empty": {}}}
+    quick = {**unix, "throughput": {"broker_oxlin_empty": {}}}
+    assert 'the rows "over TCP" repeat' in report._transport_note(full)[0]
+    assert "did not repeat them over TCP" in report._transport_note(quick)[0]
+    tcp = {"broker_redis_transport": {"throughput": "tcp"}, "throughput": {}}
+    assert report._transport_note(tcp) == []

@@ -183,7 +183,7 @@ def _transport_note(results: dict[str, Any]) -> list[str]:
     how = (
         'the rows "over TCP" repeat its polls over TCP loopback, as the long polls above ran.'
         if repeated
-        else "this run did not repeat them over TCP (full runs do)."
+        else "this run did not repeat its short polls over TCP (full runs do)."
     )
     return [
         "The broker reaches Redis over its Unix socket here (as `serve` does with its "

@@ -194,6 +194,6 @@ def test_the_report_says_whether_the_short_polls_were_repeated_over_tcp():
     full = {**unix, "throughput": {"broker_oxlin_empty": {}, "broker_tcp_oxlin_empty": {}}}
     quick = {**unix, "throughput": {"broker_oxlin_empty": {}}}
     assert 'the rows "over TCP" repeat' in report._transport_note(full)[0]
-    assert "did not repeat them over TCP" in report._transport_note(quick)[0]
+    assert "did not repeat its short polls over TCP" in report._transport_note(quick)[0]
     tcp = {"broker_redis_transport": {"throughput": "tcp"}, "throughput": {}}
     assert report._transport_note(tcp) == []

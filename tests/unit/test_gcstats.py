@@ -219,9 +219,9 @@ async def test_a_mass_disconnect_lets_go_of_the_process_caches(caplog):
     ids.uuid4()  # the random-id pool holds the rest of a chunk
     collections, _before = await _replay([5000, 5000, 100, 100])
     assert collections == 1
-    assert ids.clear_pool() == 0  # dropped before the collection
+    assert ids.clear_pool() == 0
     assert "heap trimmed after dropping" in caplog.text
-    assert "random_ids" in caplog.text
+    assert "255 random_ids" in caplog.text  # the rest of the chunk uuid4() fetched
 
 
 async def test_the_periodic_collection_keeps_the_process_caches(caplog):
@@ -232,8 +232,11 @@ async def test_the_periodic_collection_keeps_the_process_caches(caplog):
         freeze_interval_s=0.01, full_interval_s=0.05, load=lambda: 10000, check_interval_s=0.01
     )
     policy.start()
-    await asyncio.sleep(0.3)
+    for _ in range(200):  # each collection walks the whole test process: no fixed sleep
+        if policy.full_collections >= 1:
+            break
+        await asyncio.sleep(0.05)
     await policy.stop()
-    assert policy.full_collections >= 2
+    assert policy.full_collections >= 1
     assert ids.clear_pool() > 0  # a steady load keeps its pool
     assert "heap trimmed after dropping" not in caplog.text

@@ -349,12 +349,13 @@ def later_waves(
     waves: int,
     notes: list[str],
     scenario: Callable[..., dict[str, Any]] | None = None,
+    rates: list[float] | None = None,
 ) -> list[dict[str, Any]]:
     """Waves 2 to `waves` of the long polls (`scenario`, long_poll_scenario's signature) on
     the same server process: new clients and queues each (their own Spec prefix), a wave
     starting only once the server holds at most 1% of the polls (else its ramp would count
     the last wave's). A wave that fails or cannot start ends the series with a note; the
-    waves before it stand."""
+    waves before it stand. `rates`: wave k publishes at rates[k - 2] events/s (`--rates`)."""
     run = scenario or long_poll_scenario
     limit = max(5, p.waiters // 100)  # as the vanish's "released"
     out: list[dict[str, Any]] = []
@@ -369,8 +370,9 @@ def later_waves(
             notes.append(f"{label} not run: the server still held {held} polls")
             break
         again = replace(spec, prefix=f"{spec.prefix}w{k}")
+        pk = replace(p, rate=rates[k - 2]) if rates and k - 2 < len(rates) else p
         try:
-            out.append(wave_summary(k, run(server, again, p, ctx, redis_port, label)))
+            out.append(wave_summary(k, run(server, again, pk, ctx, redis_port, label)))
         except Exception as e:
             say(f"  {label}: FAILED: {type(e).__name__}: {e}")
             notes.append(f"{label} failed: {type(e).__name__}: {e}")
@@ -415,5 +417,7 @@ def wave_summary(wave: int, r: dict[str, Any]) -> dict[str, Any]:
         "waiting": r["idle"]["waiting"],
         "setup_errors": r.get("setup_errors", {}),
         "latency_ms": w["latency_ms"],
+        "rate": w.get("rate"),
+        "cpu_pct": w.get("cpu_pct"),
         **{k: w.get(k) for k in kept},
     }

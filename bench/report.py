@@ -439,9 +439,12 @@ def _waves(results: dict[str, Any]) -> list[str]:
     rows = []
     for name in ("broker", "memlp", "nchan"):
         for w in (results["long_poll"].get(name) or {}).get("waves") or []:
+            # Results from before --rates have neither: the rate was the first wave's.
+            rate = f"{w['rate']:,.0f}/s" if w.get("rate") else "-"
+            cpu = f"{w['cpu_pct']}%" if w.get("cpu_pct") is not None else "-"
             rows.append(
-                f"| {LABELS[name]} | {w['wave']} | {w['rss_start'] / 2**20:.0f} MB | "
-                f"{w['kb_per_waiter']} | {_fmt_lat(w['latency_ms'])} | "
+                f"| {LABELS[name]} | {w['wave']} | {rate} | {w['rss_start'] / 2**20:.0f} MB | "
+                f"{w['kb_per_waiter']} | {_fmt_lat(w['latency_ms'])} | {cpu} | "
                 f"{w['delivered']:,} / {w['published_ok']:,} | {w['stranded']} | {_lost(w)} | "
                 f"{w['duplicates']} | {w['seconds_to_clear']} s | {_kept(w)} |"
             )
@@ -449,12 +452,14 @@ def _waves(results: dict[str, Any]) -> list[str]:
         return []
     return [
         "",
-        "Later waves on the same server process (`--waves`): new clients and queues, the same"
-        " steps; memory is counted from the RSS each wave starts at, what the last one left.",
+        "Later waves on the same server process (`--waves`, or `--rates`: one wave per publish"
+        " rate): new clients and queues, the same steps; memory is counted from the RSS each"
+        " wave starts at, what the last one left.",
         "",
-        "| target | wave | RSS at start | KB / waiter | latency p50 / p90 / p99 / max (ms) "
+        "| target | wave | publishes | RSS at start | KB / waiter "
+        "| latency p50 / p90 / p99 / max (ms) | CPU publishing "
         "| delivered | stranded | lost | dup | vanish → released | RSS kept after |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         *rows,
     ]
 

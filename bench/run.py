@@ -118,6 +118,11 @@ def main(argv: list[str] | None = None) -> int:
         help="run each target's long polls this many times on one server process (default 1):"
         " is the memory a wave of vanished clients leaves reused by the next?",
     )
+    parser.add_argument(
+        "--rates",
+        help="after the first wave, one more wave per publish rate (events/s, comma-separated,"
+        " e.g. 250,500,1500) on the same server process: where does one worker saturate?",
+    )
     parser.add_argument("--out", default=str(RESULTS), help="results directory")
     parser.add_argument(
         "--broker-ref",
@@ -127,6 +132,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.waves < 1:
         parser.error("--waves takes 1 or more")
+    rates: list[float] = []
+    if args.rates:
+        try:
+            rates = [float(r) for r in args.rates.split(",")]
+        except ValueError:
+            parser.error(f"--rates takes numbers separated by commas, not {args.rates!r}")
+        if any(r <= 0 for r in rates):
+            parser.error("--rates takes rates above 0")
+        if args.waves > 1:
+            parser.error("--rates sets the waves itself (one per rate): leave out --waves")
 
     p = QUICK if args.quick else FULL
     extra_env: dict[str, str] = {}
@@ -279,7 +294,14 @@ def main(argv: list[str] | None = None) -> int:
                     redis_pid=redis.process.pid if redis.process else None,
                 )
                 results["long_poll"][name]["waves"] = later_waves(
-                    server, spec, p, ctx, redis.port, args.waves, notes
+                    server,
+                    spec,
+                    p,
+                    ctx,
+                    redis.port,
+                    1 + len(rates) if rates else args.waves,
+                    notes,
+                    rates=rates,
                 )
                 failed = results["long_poll"][name]["wake"].get("sweep_errors")
                 if failed:

@@ -6,6 +6,8 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
+import pytest
+
 from bench import report
 from bench.analysis import analyze
 from bench.loadgen import Spec
@@ -119,8 +121,9 @@ def test_later_waves_are_counted_from_the_memory_the_wave_before_left():
     }
     rows = [line for line in report._waves(results) if line.startswith("| broker")]
     assert len(rows) == 2
-    assert "| 2 | 72 MB |" in rows[0] and "+2 of +18 MB (11%)" in rows[0]
-    assert "| 3 | 74 MB |" in rows[1] and "+0 of +16 MB (0%)" in rows[1]
+    # no rate of their own (waves before --rates): "-"
+    assert "| 2 | - | 72 MB |" in rows[0] and "+2 of +18 MB (11%)" in rows[0]
+    assert "| 3 | - | 74 MB |" in rows[1] and "+0 of +16 MB (0%)" in rows[1]
     assert "4,998 / 5,000" in rows[1] and "| 2 |" in rows[1]  # lost events shown
     # a wave that grew by less than a MB (it reused what the last one left): no percentage
     mb = 2**20
@@ -176,6 +179,37 @@ def test_each_later_wave_has_clients_and_queues_of_its_own():
     assert len(names("lpbr")) == 9000 and not names("lpbr") & names("lpbrw2")
 
 
+def test_rates_give_each_later_wave_its_own_publish_rate_and_the_report_shows_it():
+    from dataclasses import replace
+
+    from bench.longpoll import later_waves
+    from bench.params import QUICK
+
+    p = replace(QUICK, waiters=2000, max_wait_s=2.0)
+    asked: list[float] = []
+
+    def run(srv: object, spec: Spec, params: Any, ctx: object, port: int, label: str) -> Any:
+        asked.append(params.rate)
+        r = _wave_run(70, 90, 71, 0)
+        r["wake"].update(rate=params.rate, cpu_pct=params.rate / 20)  # type: ignore[attr-defined]
+        return r
+
+    spec = Spec(target="broker", port=0, prefix="lpbr")
+    notes: list[str] = []
+    rates = [250.0, 1500.0]
+    out = later_waves(_Server(0), spec, p, None, 0, 3, notes, scenario=run, rates=rates)  # type: ignore[arg-type]
+    assert asked == rates and notes == []
+    got = [(w["wave"], w["rate"], w["cpu_pct"]) for w in out]
+    assert got == [(2, 250.0, 12.5), (3, 1500.0, 75.0)]
+    rows = [
+        line
+        for line in report._waves({"long_poll": {"broker": {"waves": out}}})
+        if line.startswith("| broker")
+    ]
+    assert "| 2 | 250/s |" in rows[0] and "| 12.5% |" in rows[0]
+    assert "| 3 | 1,500/s |" in rows[1] and "| 75.0% |" in rows[1]
+
+
 def test_a_failed_wave_ends_the_series_and_keeps_the_waves_before_it():
     def scenario(k: int) -> dict[str, object]:
         if k == 2:
@@ -213,3 +247,16 @@ def test_wake_ups_beside_set_batches_are_reported_in_one_paragraph():
     )
     assert "2 errors {'sets_503': 2}" in "".join(bad)
     assert report._mixed(None) == []  # runs before the scenario, or without OB
+
+
+def test_rates_are_checked_before_anything_starts(capsys: pytest.CaptureFixture[str]):
+    from bench.run import main
+
+    for argv, said in (
+        (["--rates", "fast"], "numbers separated by commas"),
+        (["--rates", "0,500"], "above 0"),
+        (["--rates", "500", "--waves", "2"], "leave out --waves"),
+    ):
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert said in capsys.readouterr().err

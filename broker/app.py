@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 from redis.asyncio import Redis
 
-from broker import http, routing
+from broker import http, persistence, routing
 from broker.api import events, health, publish, queues, subscriptions, wellknown
 from broker.appkeys import (
     background_key,
@@ -17,6 +17,7 @@ from broker.appkeys import (
     hub_key,
     looplag_key,
     metrics_key,
+    persistence_key,
     settings_key,
     signer_key,
     signing_pool_key,
@@ -127,6 +128,8 @@ def create_app(
         hub = Hub(source, block_ms=settings.poll.hub_block_ms)
         await hub.start()
         app[hub_key] = hub
+        app[persistence_key] = await persistence.read(command)
+        persistence.announce(app[persistence_key])
         try:
             yield
         finally:

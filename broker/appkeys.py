@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from broker.hub import Hub
     from broker.looplag import LoopLag
     from broker.metrics import Metrics
+    from broker.persistence import Persistence
     from broker.sets import SetStore
     from broker.signing import LoopSigning, Signer
     from broker.signproc import SigningProcesses
@@ -27,6 +28,8 @@ verifier_key: web.AppKey[TokenVerifier] = web.AppKey("verifier")
 metrics_key: web.AppKey[Metrics] = web.AppKey("metrics")
 gcstats_key: web.AppKey[GcStats] = web.AppKey("gcstats")
 looplag_key: web.AppKey[LoopLag] = web.AppKey("looplag")
+# What Redis said of its persistence at start (broker/persistence.py).
+persistence_key: web.AppKey[Persistence] = web.AppKey("persistence")
 # Tasks that must run to completion after their request was cancelled (client gone).
 background_key: web.AppKey[set[asyncio.Future[Any]]] = web.AppKey("background")
 # Open Banking: the SET signer, the SET store and the event subscriptions.

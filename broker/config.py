@@ -76,10 +76,20 @@ class RedisSettings:
     # and publishes share one more, pipelined; the long-poll hub adds one blocking.
     max_connections: int = 2
     socket_timeout_s: float = 5.0
+    # The embedded server's fsync of its append-only file: "everysec" (a host crash can lose
+    # about the last second of acknowledged events), "always" (none, for a slower write per
+    # publish) or "no" (the OS decides, ~30 s). A Redis of your own keeps its own setting.
+    embedded_appendfsync: str = "everysec"
 
     def check(self) -> None:
         if self.url and not self.url.startswith(("redis://", "rediss://", "unix://")):
             _fail("redis.url", self.url, "a redis://, rediss:// or unix:// URL, or empty")
+        _require(
+            self.embedded_appendfsync in ("always", "everysec", "no"),
+            "redis.embedded_appendfsync",
+            self.embedded_appendfsync,
+            "'always', 'everysec' or 'no'",
+        )
         _require(
             1 <= self.max_connections <= 1024,
             "redis.max_connections",

@@ -77,12 +77,14 @@ class EmbeddedRedis:
         *,
         port: int | None = None,
         appendonly: bool = True,
+        appendfsync: str = "everysec",
         extra_args: tuple[str, ...] = (),
         unix_socket: bool = False,
     ) -> None:
         self.data_dir = Path(data_dir).resolve()
         self.port = port
         self.appendonly = appendonly
+        self.appendfsync = appendfsync
         self.extra_args = extra_args  # more server options, e.g. ("--requirepass", "pw")
         # A socket path has room for ~107 bytes (sun_path); past that, TCP only.
         self.unix_socket = unix_socket and len(os.fsencode(self.socket_path)) <= _MAX_SOCKET_PATH
@@ -133,7 +135,7 @@ class EmbeddedRedis:
                     "--appendonly",
                     "yes" if self.appendonly else "no",
                     "--appendfsync",
-                    "everysec",
+                    self.appendfsync,
                     "--save",
                     "",
                     "--daemonize",

@@ -110,7 +110,11 @@ def serve(settings: Settings, *, dev_banner: bool = True) -> int:
     """Start the embedded server if redis.url is empty, then the worker process(es)."""
     embedded: EmbeddedRedis | None = None
     if not settings.redis.url:
-        embedded = EmbeddedRedis(settings.data_dir / "redis", unix_socket=True)
+        embedded = EmbeddedRedis(
+            settings.data_dir / "redis",
+            unix_socket=True,
+            appendfsync=settings.redis.embedded_appendfsync,
+        )
         embedded.start()
         url = embedded.client_url  # its Unix socket: cheaper round trips than TCP loopback
         print(

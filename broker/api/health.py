@@ -8,7 +8,14 @@ import os
 from aiohttp import web
 
 from broker import __version__, allocator, jsonutil, process
-from broker.appkeys import gcstats_key, hub_key, looplag_key, metrics_key, store_key
+from broker.appkeys import (
+    gcstats_key,
+    hub_key,
+    looplag_key,
+    metrics_key,
+    persistence_key,
+    store_key,
+)
 
 routes = web.RouteTableDef()
 
@@ -51,6 +58,7 @@ async def metrics(request: web.Request) -> web.Response:
             "hub_reconnects_total": hub.reconnects,
             **request.app[gcstats_key].gauges(),
             **request.app[looplag_key].gauges(),
+            **request.app[persistence_key].gauge(),
         },
         process.gauges(),
     )

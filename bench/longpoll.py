@@ -419,5 +419,7 @@ def wave_summary(wave: int, r: dict[str, Any]) -> dict[str, Any]:
         "latency_ms": w["latency_ms"],
         "rate": w.get("rate"),
         "cpu_pct": w.get("cpu_pct"),
+        # The broker's Oxlin events and SETs apart (a SET is signed at publish).
+        "latency_by_api_ms": w.get("latency_by_api_ms"),
         **{k: w.get(k) for k in kept},
     }

@@ -191,7 +191,8 @@ def test_rates_give_each_later_wave_its_own_publish_rate_and_the_report_shows_it
     def run(srv: object, spec: Spec, params: Any, ctx: object, port: int, label: str) -> Any:
         asked.append(params.rate)
         r = _wave_run(70, 90, 71, 0)
-        r["wake"].update(rate=params.rate, cpu_pct=params.rate / 20)  # type: ignore[attr-defined]
+        by_api = {"ob": {"p50": 2.0}, "oxlin": {"p50": 1.0}}
+        r["wake"].update(rate=params.rate, cpu_pct=params.rate / 20, latency_by_api_ms=by_api)  # type: ignore[attr-defined]
         return r
 
     spec = Spec(target="broker", port=0, prefix="lpbr")
@@ -201,6 +202,7 @@ def test_rates_give_each_later_wave_its_own_publish_rate_and_the_report_shows_it
     assert asked == rates and notes == []
     got = [(w["wave"], w["rate"], w["cpu_pct"]) for w in out]
     assert got == [(2, 250.0, 12.5), (3, 1500.0, 75.0)]
+    assert out[0]["latency_by_api_ms"]["ob"]["p50"] == 2.0  # SETs and Oxlin events apart
     rows = [
         line
         for line in report._waves({"long_poll": {"broker": {"waves": out}}})

@@ -418,6 +418,9 @@ def wave_summary(wave: int, r: dict[str, Any]) -> dict[str, Any]:
         "setup_errors": r.get("setup_errors", {}),
         "latency_ms": w["latency_ms"],
         "rate": w.get("rate"),
+        # What the publisher reached: it waits for a free connection, so a saturated server
+        # is offered less than the nominal rate.
+        "achieved_rate": (w.get("publish") or {}).get("achieved_rate"),
         "cpu_pct": w.get("cpu_pct"),
         # The broker's Oxlin events and SETs apart (a SET is signed at publish).
         "latency_by_api_ms": w.get("latency_by_api_ms"),

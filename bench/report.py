@@ -244,6 +244,7 @@ def markdown(results: dict[str, Any]) -> str:
             f"{h['seconds_to_clear']} s | {_kept(h)} |"
         )
     out += _setup_notes(results)
+    out += _shortfall(results)
     out += _neighbours(results)
     by_api = ((results["long_poll"].get("broker") or {}).get("wake") or {}).get("latency_by_api_ms")
     if by_api and len(by_api) > 1:
@@ -438,9 +439,9 @@ def _waves(results: dict[str, Any]) -> list[str]:
     """Later waves of long polls on the same server process (`--waves`), one row each."""
     rows = []
     for name in ("broker", "memlp", "nchan"):
+        first = (results["long_poll"].get(name) or {}).get("wake") or {}
         for w in (results["long_poll"].get(name) or {}).get("waves") or []:
-            # Results from before --rates have neither: the rate was the first wave's.
-            rate = f"{w['rate']:,.0f}/s" if w.get("rate") else "-"
+            rate = _wave_rate(w, first.get("rate") or results.get("params", {}).get("rate"))
             cpu = f"{w['cpu_pct']}%" if w.get("cpu_pct") is not None else "-"
             rows.append(
                 f"| {LABELS[name]} | {w['wave']} | {rate} | {w['rss_start'] / 2**20:.0f} MB | "
@@ -462,6 +463,21 @@ def _waves(results: dict[str, Any]) -> list[str]:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         *rows,
     ]
+
+
+def _wave_rate(w: dict[str, Any], first_rate: float | None) -> str:
+    """A later wave's publish rate, and what the publisher reached when it fell short.
+
+    Waves from before --rates did not record theirs: it was the first wave's.
+    """
+    rate = w.get("rate") or first_rate
+    if not rate:
+        return "-"
+    out = f"{rate:,g}/s"
+    got = w.get("achieved_rate")
+    if got and got < 0.95 * rate:
+        out += f" (reached {got:,.0f})"
+    return out
 
 
 def _kept(h: dict[str, Any]) -> str:
@@ -537,6 +553,29 @@ def _setup_notes(results: dict[str, Any]) -> list[str]:
                     " event subscription) and are not counted as published"
                 )
             notes.append(note + ".")
+    return ["", *notes] if notes else []
+
+
+def _shortfall(results: dict[str, Any]) -> list[str]:
+    """Targets whose publisher fell behind its schedule in the first wave.
+
+    The publisher waits for a free connection, so a server slower to answer its publishes
+    than they fall due is offered less than the nominal rate; latencies run from each
+    publish's actual send, so the queueing before it is not in them.
+    """
+    notes = []
+    for name, r in results["long_poll"].items():
+        wake = r.get("wake") or {}
+        pub = wake.get("publish") or {}
+        rate, got = wake.get("rate"), pub.get("achieved_rate")
+        if rate and got and got < 0.95 * rate:
+            lag = pub.get("max_schedule_lag_ms") or 0
+            notes.append(
+                f"{LABELS.get(name, name)}: the publisher reached {got:,.0f} of {rate:,g}"
+                f" events/s, up to {lag / 1000:.1f} s behind its schedule (the server answered"
+                " publishes more slowly than they fell due: offered less than the nominal load,"
+                " and the wait before each send is not in the latencies)."
+            )
     return ["", *notes] if notes else []
 
 

@@ -90,7 +90,11 @@ def machine_info(redis_url: str) -> dict[str, Any]:
     return info
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, every check included: a mistake stops the run before it starts.
+
+    `rates` comes back as a list of floats, `broker_env` as a dict.
+    """
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="2,000 waiters, short runs (<2 min)")
     parser.add_argument(
@@ -132,18 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.waves < 1:
         parser.error("--waves takes 1 or more")
-    rates: list[float] = []
-    if args.rates:
-        try:
-            rates = [float(r) for r in args.rates.split(",")]
-        except ValueError:
-            parser.error(f"--rates takes numbers separated by commas, not {args.rates!r}")
-        if any(r <= 0 for r in rates):
-            parser.error("--rates takes rates above 0")
-        if args.waves > 1:
-            parser.error("--rates sets the waves itself (one per rate): leave out --waves")
-
-    p = QUICK if args.quick else FULL
+    args.rates = _rates(parser, args.rates)
+    if args.rates and args.waves > 1:
+        parser.error("--rates sets the waves itself (one per rate): leave out --waves")
     extra_env: dict[str, str] = {}
     for item in args.broker_env:
         key, sep, value = item.partition("=")
@@ -162,6 +157,27 @@ def main(argv: list[str] | None = None) -> int:
             load_settings(REPO / "config" / "broker.toml", environ=extra_env)
         except ConfigError as e:
             parser.error(f"--broker-env: {e}")
+    args.broker_env = extra_env
+    return args
+
+
+def _rates(parser: argparse.ArgumentParser, text: str | None) -> list[float]:
+    if not text:
+        return []
+    try:
+        rates = [float(r) for r in text.split(",")]
+    except ValueError:
+        parser.error(f"--rates takes numbers separated by commas, not {text!r}")
+    if not all(math.isfinite(r) and r > 0 for r in rates):
+        parser.error(f"--rates takes finite rates above 0, not {text!r}")
+    return rates
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    rates: list[float] = args.rates
+    extra_env: dict[str, str] = args.broker_env
+    p = QUICK if args.quick else FULL
     if args.waiters:
         p = replace(p, waiters=args.waiters)
     if args.duration:

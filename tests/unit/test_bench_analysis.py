@@ -252,13 +252,41 @@ def test_wake_ups_beside_set_batches_are_reported_in_one_paragraph():
 
 
 def test_rates_are_checked_before_anything_starts(capsys: pytest.CaptureFixture[str]):
-    from bench.run import main
+    from bench.run import parse_args
 
+    assert parse_args(["--rates", "250,1500"]).rates == [250.0, 1500.0]
+    assert parse_args([]).rates == []
     for argv, said in (
         (["--rates", "fast"], "numbers separated by commas"),
-        (["--rates", "0,500"], "above 0"),
+        (["--rates", "0,500"], "finite rates above 0"),
+        (["--rates", "nan"], "finite rates above 0"),
         (["--rates", "500", "--waves", "2"], "leave out --waves"),
     ):
         with pytest.raises(SystemExit):
-            main(argv)
+            parse_args(argv)
         assert said in capsys.readouterr().err
+
+
+def test_a_waves_rate_says_when_the_publisher_fell_short_and_older_waves_take_the_first():
+    assert report._wave_rate({"rate": 1500.0, "achieved_rate": 1210.4}, None) == (
+        "1,500/s (reached 1,210)"
+    )
+    assert report._wave_rate({"rate": 1500.0, "achieved_rate": 1490.0}, None) == "1,500/s"
+    assert report._wave_rate({}, 1000.0) == "1,000/s"  # recorded before --rates: the first's
+    assert report._wave_rate({}, None) == "-"
+
+
+def test_a_publisher_that_fell_behind_is_named_with_what_it_reached():
+    def target(achieved: float, lag_ms: float) -> dict[str, Any]:
+        return {
+            "wake": {
+                "rate": 1000.0,
+                "publish": {"achieved_rate": achieved, "max_schedule_lag_ms": lag_ms},
+            }
+        }
+
+    results = {"long_poll": {"broker": target(898.2, 3401.0), "nchan": target(999.9, 9.0)}}
+    (blank, line) = report._shortfall(results)
+    assert blank == "" and line.startswith("broker (1 worker, Redis): the publisher reached 898")
+    assert "of 1,000 events/s, up to 3.4 s behind" in line
+    assert report._shortfall({"long_poll": {"nchan": target(999.9, 9.0)}}) == []

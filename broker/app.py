@@ -125,11 +125,12 @@ def create_app(
             idempotency_ttl_s=settings.publish.idempotency_ttl_s,
             runner=runner,
         )
+        # What an acknowledged event survives, said once per worker (broker/persistence.py).
+        app[persistence_key] = await persistence.read(command)
+        persistence.announce(app[persistence_key])
         hub = Hub(source, block_ms=settings.poll.hub_block_ms)
         await hub.start()
         app[hub_key] = hub
-        app[persistence_key] = await persistence.read(command)
-        persistence.announce(app[persistence_key])
         try:
             yield
         finally:

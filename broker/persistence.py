@@ -19,30 +19,39 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Persistence:
-    """Redis's persistence settings; empty strings when Redis would not say."""
+    """Redis's persistence settings as read at start; empty when Redis would not say."""
 
     appendonly: str = ""
     appendfsync: str = ""
     save: str = ""
+    error: str = ""  # why they are unknown: CONFIG refused, a time-out, ...
 
     @property
     def known(self) -> bool:
         return bool(self.appendonly)
+
+    @property
+    def snapshots(self) -> bool:
+        return bool(self.save.strip())
 
     def describe(self) -> tuple[int, str]:
         """A log level and a sentence on what an acknowledged event survives."""
         if not self.known:
             return (
                 logging.WARNING,
-                "Redis persistence unknown (CONFIG GET refused): check that its append-only"
-                " file is on, or acknowledged events may not survive a Redis restart",
+                f"Redis persistence unknown (CONFIG GET refused or failed: {self.error or '?'}):"
+                " check that its append-only file is on, or acknowledged events may not survive"
+                " a Redis restart",
             )
         if self.appendonly == "yes":
             fsync = {
-                "always": "fsync on every write: acknowledged events survive a host crash",
+                "always": (
+                    "fsync on every write: acknowledged events survive a host crash (unless"
+                    " no-appendfsync-on-rewrite is set and a rewrite is running)"
+                ),
                 "everysec": (
                     "fsync every second: acknowledged events survive a Redis restart, a host"
-                    " crash can lose about the last second of them"
+                    " crash can lose about the last second or two of them"
                 ),
                 "no": (
                     "fsync left to the OS: acknowledged events survive a Redis restart, a host"
@@ -50,11 +59,12 @@ class Persistence:
                 ),
             }.get(self.appendfsync, f"appendfsync {self.appendfsync}")
             return logging.INFO, f"Redis persistence: append-only file, {fsync}"
-        if self.save.strip():
+        if self.snapshots:
             return (
                 logging.WARNING,
                 f"Redis persistence: snapshots only (save {self.save!r}), no append-only file:"
-                " a Redis restart loses every event acknowledged since the last snapshot",
+                " a Redis crash or a host crash loses every event acknowledged since the last"
+                " snapshot (a clean shutdown saves one)",
             )
         return (
             logging.WARNING,
@@ -63,10 +73,24 @@ class Persistence:
         )
 
     def gauge(self) -> dict[str, float]:
-        """For /metrics: broker_redis_persistence_info{appendonly,appendfsync} 1."""
-        labels = f'appendonly="{self.appendonly or "unknown"}"'
-        labels += f',appendfsync="{self.appendfsync or "unknown"}"'
+        """For /metrics: broker_redis_persistence_info{appendonly,appendfsync,snapshots} 1.
+
+        Read once at start: a later CONFIG SET or a failover is not seen here.
+        """
+        if not self.known:
+            values = ("unknown", "unknown", "unknown")
+        else:
+            values = (self.appendonly, self.appendfsync, "yes" if self.snapshots else "no")
+        labels = ",".join(
+            f'{k}="{_label(v)}"'
+            for k, v in zip(("appendonly", "appendfsync", "snapshots"), values, strict=True)
+        )
         return {f"redis_persistence_info{{{labels}}}": 1}
+
+
+def _label(value: str) -> str:
+    """A Prometheus label value: a Redis-compatible server may answer anything."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 async def read(redis: Any) -> Persistence:
@@ -80,9 +104,8 @@ async def read(redis: Any) -> Persistence:
             reply = await redis.config_get(name)
             value = reply.get(name, reply.get(name.encode(), ""))
             got[name] = value.decode() if isinstance(value, bytes) else str(value)
-    except Exception as e:  # any refusal means "unknown", said in the log
-        log.debug("CONFIG GET failed: %s", e)
-        return Persistence()
+    except Exception as e:  # any refusal means "unknown", said in the log with its reason
+        return Persistence(error=f"{type(e).__name__}: {e}"[:200])
     return Persistence(**got)
 
 

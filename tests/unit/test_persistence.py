@@ -41,20 +41,29 @@ def test_each_setting_is_said_at_its_level(p: Persistence, level: int, says: str
 
 def test_the_gauge_names_the_settings_or_says_unknown():
     assert Persistence("yes", "everysec", "").gauge() == {
-        'redis_persistence_info{appendonly="yes",appendfsync="everysec"}': 1
+        'redis_persistence_info{appendonly="yes",appendfsync="everysec",snapshots="no"}': 1
     }
-    assert Persistence().gauge() == {
-        'redis_persistence_info{appendonly="unknown",appendfsync="unknown"}': 1
+    # snapshots only and nothing at all differ in the gauge too, as in the log
+    assert Persistence("no", "everysec", "3600 1").gauge() == {
+        'redis_persistence_info{appendonly="no",appendfsync="everysec",snapshots="yes"}': 1
     }
+    assert Persistence(error="ResponseError: no").gauge() == {
+        'redis_persistence_info{appendonly="unknown",appendfsync="unknown",snapshots="unknown"}': 1
+    }
+    odd = Persistence('y"es', "a\\b", "")  # whatever a Redis-compatible server answers
+    assert 'appendonly="y\\"es",appendfsync="a\\\\b"' in next(iter(odd.gauge()))
 
 
-async def test_a_refused_config_get_is_unknown_not_an_error():
+async def test_a_refused_config_get_is_unknown_with_its_reason_not_an_error():
     class Refusing:
         async def config_get(self, name: str) -> dict[str, str]:
             raise redis.exceptions.ResponseError("unknown command 'CONFIG'")
 
-    assert await persistence.read(Refusing()) == Persistence()
-    assert await persistence.read(fakeredis.FakeAsyncRedis()) is not None  # whatever it says
+    p = await persistence.read(Refusing())
+    assert not p.known and p.error == "ResponseError: unknown command 'CONFIG'"
+    assert "ResponseError: unknown command 'CONFIG'" in p.describe()[1]
+    fake = await persistence.read(fakeredis.FakeAsyncRedis())  # fakeredis has no CONFIG GET
+    assert not fake.known and fake.error
 
 
 async def test_the_embedded_servers_fsync_is_read_back(tmp_path: Path):
@@ -88,9 +97,11 @@ async def test_a_server_without_persistence_is_warned_of(
     )
 
 
-async def test_metrics_show_what_redis_said(client: Any):
+async def test_metrics_show_what_redis_said(client: Any, redis_pair: Any):
     text = await (await client.get("/metrics")).text()
-    assert "broker_redis_persistence_info{" in text
+    # fakeredis refuses CONFIG GET; the tests' real server keeps nothing on disk
+    said = "unknown" if redis_pair.kind == "fake" else "no"
+    assert f'broker_redis_persistence_info{{appendonly="{said}",' in text
 
 
 def test_the_embedded_fsync_setting_is_checked(settings: Settings):

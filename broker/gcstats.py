@@ -130,7 +130,7 @@ class GcPolicy:
                 # peak): their new entries would be as scattered, and each of them would have
                 # its token verified again for nothing.
                 if settled and waiting <= self._peak // 2:
-                    self.collect_after_mass_disconnect(loop)
+                    await self.collect_after_mass_disconnect(loop)
                 else:
                     self.collect_all()
                 vanished = False
@@ -138,13 +138,13 @@ class GcPolicy:
                 next_full = loop.time() + self.full_interval_s
             gc.freeze()
 
-    def collect_after_mass_disconnect(self, loop: asyncio.AbstractEventLoop) -> None:
+    async def collect_after_mass_disconnect(self, loop: asyncio.AbstractEventLoop) -> None:
         """The maintenance collection, with what would pin the freed pages let go first.
 
         The app's caches (on_mass_disconnect) and the process's (broker/heapcare.py) are
-        dropped before the collection; the FutureIter free list is remade after the trim,
-        when its new entries can come out of one free block, and the heap trimmed again for
-        the pages its old entries held.
+        dropped before the collection; the free lists the polls filled are remade after the
+        trim, when their new entries can come out of a few free blocks, and the heap trimmed
+        again for the pages their old entries held.
         """
         # None of these failing may end the policy: without it the young collections' pauses
         # grow back and no maintenance collection runs again.
@@ -159,14 +159,16 @@ class GcPolicy:
         except Exception:
             log.exception("gc policy: dropping the process's caches failed")
         self.collect_all()
+        renewed: list[str] = []
         try:
-            heapcare.renew_future_iter_freelist(loop)
+            renewed = await heapcare.renew_free_lists(loop)
         except Exception:
-            log.exception("gc policy: renewing the FutureIter free list failed")
+            log.exception("gc policy: remaking the free lists failed")
         _malloc_trim()
         log.info(
-            "mass disconnect: heap trimmed after dropping %s",
+            "mass disconnect: heap trimmed after dropping %s; free lists remade: %s",
             ", ".join(f"{n} {what}" for what, n in dropped.items()) or "nothing",
+            ", ".join(renewed) or "none",
         )
 
     def collect_all(self) -> None:

@@ -14,16 +14,16 @@ pinned them (all bounded: a second wave reuses the pages):
   `digest_size` on every PS256 signature, so hundreds of copies of that one name were alive;
 - yarl's URL caches (lru_caches of 128 entries): aiohttp builds each request's URL through
   them, and every queue path is a new entry;
-- the free list of asyncio's FutureIter objects (`await future`), filled with up to 255 of
-  them as the polls ended;
+- the free lists of asyncio's FutureIter objects (`await future`, 255), uvloop's Handle and
+  aiohttp's parsed request heads (250 each), filled as the polls ended;
 - the pool of random 16-byte ids (broker/ids.py), refilled during the wave into whatever
   holes the heap had.
 
-Letting go of them took what the heap kept from +8.0-8.5 MB to +4.8-4.9 MB in that driver's
-runs. It costs a little work later (a lookup or a URL parse done again) and happens only
-after a mass disconnect (gcstats.GcPolicy). What stays pinned is mostly the free lists of
-uvloop's handles and aiohttp's parsed request heads (Cython free lists of 250 objects each,
-out of reach from Python), and the buffers of the connections that stay.
+Letting go of the caches and remaking the FutureIter list took what the heap kept from
++8.0-8.5 MB to +4.8-4.9 MB in that driver's runs; remaking uvloop's and aiohttp's lists too,
+to +3.7-3.9 MB. It costs a little work later (a lookup or a URL parse done again) and happens
+only after a mass disconnect (gcstats.GcPolicy). What stays pinned is peak-sized tables of
+dicts and sets, small C allocations, and the buffers of the connections that stay.
 """
 
 from __future__ import annotations
@@ -31,13 +31,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sys
+from collections.abc import Callable
 from types import ModuleType
 
 from broker import ids
 
-# asyncio's C Future keeps at most this many FutureIter objects for reuse (FI_FREELIST_MAXLEN
-# in CPython's _asynciomodule.c).
-_FUTURE_ITER_FREELIST = 255
+# At least the length of each free list remade: asyncio's C Future keeps 255 FutureIter objects
+# (FI_FREELIST_MAXLEN in CPython's _asynciomodule.c), Cython's free lists 250 (uvloop's and
+# aiohttp's DEFAULT_FREELIST_SIZE). Taking more than a list holds only frees the extra again.
+_FREELIST = 255
 
 
 def release_caches() -> dict[str, int]:
@@ -65,28 +67,80 @@ def _clear_type_cache() -> None:
         sys._clear_type_cache()
 
 
-def renew_future_iter_freelist(loop: asyncio.AbstractEventLoop) -> None:
-    """Replace the FutureIter free list's entries with fresh ones made side by side.
+async def renew_free_lists(loop: asyncio.AbstractEventLoop) -> list[str]:
+    """Replace the entries of the free lists the polls filled with fresh ones made together.
 
-    Call right after the heap was trimmed, and trim again after: the free list's current
-    entries were freed one by one as the polls ended, scattered over the heap; made now, after
-    a trim consolidated the free memory, the new ones tend to come out of a few free blocks
-    together (with the C allocator; small requests take exact-size holes first). The free
-    list is the process's, whatever loop makes the future.
+    Call right after the heap was trimmed, and trim again after: a free list's entries were
+    freed one by one as the polls ended, scattered over the heap; made now, after a trim
+    consolidated the free memory, the new ones tend to come out of a few free blocks together
+    (with the C allocator; small requests take exact-size holes first). The lists are the
+    process's: asyncio's FutureIter (255 entries), uvloop's Handle and aiohttp's parsed
+    request heads (Cython free lists of 250). Returns the ones remade.
     """
+    renewed = []
     fut = loop.create_future()
     try:
-        # The first iterators take every entry the free list holds; the rest are new memory.
-        taken = [iter(fut) for _ in range(2 * _FUTURE_ITER_FREELIST)]
-        scattered, fresh = (
-            taken[:_FUTURE_ITER_FREELIST],
-            taken[_FUTURE_ITER_FREELIST:],
-        )
-        del taken
-        fresh.clear()  # freed first: they fill the free list again
-        scattered.clear()  # the list is full by now: these go back to malloc
+        _renew(lambda: iter(fut))
+        renewed.append("FutureIter")
     finally:
         fut.cancel()
+    if await _renew_handles(loop):
+        renewed.append("Handle")
+    make_head = _request_head_maker()
+    if make_head is not None:
+        _renew(make_head)
+        renewed.append("RawRequestMessage")
+    return renewed
+
+
+def _renew(make: Callable[[], object]) -> None:
+    # The first objects take every entry the free list holds; the rest are new memory.
+    taken = [make() for _ in range(2 * _FREELIST)]
+    scattered, fresh = taken[:_FREELIST], taken[_FREELIST:]
+    del taken
+    fresh.clear()  # freed first: they fill the free list again
+    scattered.clear()  # the list is full by now: these go back to malloc
+
+
+async def _renew_handles(loop: asyncio.AbstractEventLoop) -> bool:
+    """uvloop's Handle (call_soon): the loop holds each until its next turn, so two turns pass
+    before ours are the last references. asyncio's own Handle has no free list: harmless."""
+
+    def nothing() -> None:
+        pass
+
+    taken = [loop.call_soon(nothing) for _ in range(2 * _FREELIST)]
+    for handle in taken:
+        handle.cancel()
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    scattered, fresh = taken[:_FREELIST], taken[_FREELIST:]
+    del taken
+    fresh.clear()
+    scattered.clear()
+    return True
+
+
+def _request_head_maker() -> Callable[[], object] | None:
+    """A maker of aiohttp's C request heads (RawRequestMessage), or None if this aiohttp has
+    none or builds them otherwise (a private class: aiohttp is pinned below 3.15)."""
+    try:
+        from aiohttp._http_parser import RawRequestMessage  # type: ignore[import-not-found]
+        from aiohttp.http import HttpVersion11
+        from multidict import CIMultiDict, CIMultiDictProxy
+        from yarl import URL
+
+        headers, url = CIMultiDictProxy(CIMultiDict[str]()), URL("/")
+
+        def make() -> object:
+            return RawRequestMessage(
+                "GET", "/", HttpVersion11, headers, (), False, None, False, False, url
+            )
+
+        make()  # the signature still matches
+    except Exception:
+        return None
+    return make
 
 
 def _clear_yarl_caches() -> int:

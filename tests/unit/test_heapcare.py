@@ -6,6 +6,7 @@ import asyncio
 import sys
 from typing import Any
 
+import uvloop
 from aiohttp import web
 
 from broker import heapcare, ids
@@ -58,8 +59,56 @@ async def test_the_future_iter_free_list_is_remade_from_new_memory():
     listed = [iter(fut) for _ in range(255)]
     listed_at = {id(x) for x in listed}
     del listed  # the free list is empty: all 255 go into it, memory and all
-    heapcare.renew_future_iter_freelist(loop)
+    assert "FutureIter" in await heapcare.renew_free_lists(loop)
     after = [iter(fut) for _ in range(255)]  # served from the free list
     assert not listed_at & {id(x) for x in after}
     del held, after
     fut.cancel()
+
+
+def test_uvloops_handle_free_list_is_remade_from_new_memory():
+    async def check() -> None:
+        loop = asyncio.get_running_loop()
+
+        def nothing() -> None:
+            pass
+
+        def handles(n: int) -> list[asyncio.Handle]:
+            out = [loop.call_soon(nothing) for _ in range(n)]
+            for h in out:
+                h.cancel()
+            return out
+
+        held = handles(600)
+        listed = handles(250)
+        listed_at = {id(x) for x in listed}
+        await asyncio.sleep(0)  # the loop lets go of them
+        del listed
+        again = handles(250)  # without a renewal the free list hands them out again
+        assert listed_at & {id(x) for x in again}
+        await asyncio.sleep(0)
+        del again
+        assert "Handle" in await heapcare.renew_free_lists(loop)
+        after = handles(250)
+        assert not listed_at & {id(x) for x in after}
+        await asyncio.sleep(0)
+        del held, after
+
+    loop = uvloop.new_event_loop()
+    try:
+        loop.run_until_complete(check())
+    finally:
+        loop.close()
+
+
+async def test_aiohttps_request_head_free_list_is_remade_from_new_memory():
+    make = heapcare._request_head_maker()
+    assert make is not None  # this aiohttp still builds them in C, as the pin says
+    held = [make() for _ in range(600)]
+    listed = [make() for _ in range(250)]
+    listed_at = {id(x) for x in listed}
+    del listed
+    assert "RawRequestMessage" in await heapcare.renew_free_lists(asyncio.get_running_loop())
+    after = [make() for _ in range(250)]
+    assert not listed_at & {id(x) for x in after}
+    del held, after

@@ -87,13 +87,21 @@ def _encode_one(
         if not isinstance(v, str) or not v or len(v) > limit:
             raise bad(f"'{name}' must be a non-empty string of at most {limit} characters", name)
     topic = item.get("topic")
+    # A topic carries one resource type (spec §9.3: "connections" is CONNECTION events), so a
+    # queue subscribed to it never gets another kind of event.
+    carries = item["resource_type"].lower() + "s"  # CONNECTION -> connections
     if topic is None:
-        guess = item["resource_type"].lower() + "s"  # CONNECTION -> connections
-        if guess not in known:
+        if carries not in known:
             raise bad(f"'topic' is required (one of {', '.join(known)})", "topic")
-        topic = guess
+        topic = carries
     elif not isinstance(topic, str) or topic not in known:
         raise bad(f"'topic' must be one of {', '.join(known)}", "topic")
+    elif topic != carries:
+        raise bad(
+            f"topic {topic!r} carries {topic.removesuffix('s').upper()} events, not"
+            f" {item['resource_type']}",
+            "resource_type",
+        )
     event_id = item.get("id", "")
     if event_id != "" and (not isinstance(event_id, str) or not _ID.match(event_id)):
         raise bad("'id' must be a string of 1-64 letters, digits or ._:-", "id")

@@ -131,3 +131,15 @@ async def test_idempotency_key_makes_a_retried_publish_store_once(client, auth):
         headers={**auth("p", **PUB), "Idempotency-Key": "k" * 200},
     )
     assert r.status == 400
+
+
+async def test_a_topic_carries_its_own_resource_type_only(client, auth):
+    # spec §9.3: "connections" maps to CONNECTION events; an ACCOUNT event must not reach
+    # a connections queue, and the whole batch is refused.
+    loc = await subscribe(client, auth, "u1")
+    batch = [connection_event(), connection_event(resource_type="ACCOUNT")]
+    r = await client.post("/publish/users/u1/events", json=batch, headers=auth("p", **PUB))
+    assert r.status == 400
+    body = await r.json()
+    assert "carries CONNECTION events, not ACCOUNT" in body["message"]
+    assert (await client.get(loc, headers=auth("u1"))).status == 204  # nothing stored

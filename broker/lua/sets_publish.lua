@@ -1,6 +1,6 @@
 -- Queue signed SETs for one OB client, in one atomic step with its subscription check:
 -- a SET is queued only if the client has a subscription whose EventTypes include at least
--- one of the SET's event types ("*": all types).
+-- one of the SET's event types ("*": all types; a 3.1.1 subscription: resource-update only).
 -- KEYS[1] all unacked (zset), KEYS[2] ready (zset), KEYS[3] leased (zset), KEYS[4] jws (hash),
 -- KEYS[5] order score counter, KEYS[6] subscription (hash)
 -- ARGV[1] retention ms, ARGV[2] SET count n, then n triples (jti, compact JWS, ",Code,...,")
@@ -23,7 +23,17 @@ while true do
   expired = expired + #old
 end
 
-local types = redis.call('HGET', KEYS[6], 'types')
+local sub = redis.call('HMGET', KEYS[6], 'types', 'version')
+local types = sub[1]
+-- A subscription made on version 3.1.1 gets resource-update events only, whatever its
+-- EventTypes say (OB event-notification API profile, backwards compatibility).
+if types and sub[2] == '3.1.1' then
+  if types == '*' or string.find(types, ',UK.OBIE.Resource-Update,', 1, true) then
+    types = ',UK.OBIE.Resource-Update,'
+  else
+    types = ','
+  end
+end
 local flags = {}
 -- Order scores are publish ms * 1000 + a counter, never reused and always increasing, so
 -- "oldest first" is exact within one millisecond and the score still tells the age.

@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from broker.config import AuthSettings
-from broker.errors import AuthError, ConfigError, Forbidden
+from broker.errors import AuthError, ConfigError, Forbidden, MissingToken
 from broker.keyfiles import create_once, pem_of
 
 DEV_ISSUER = "urn:broker:dev-issuer"
@@ -205,7 +205,7 @@ def bearer_token(request: web.Request) -> str:
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
     if not header:
-        raise AuthError("missing bearer token (Authorization: Bearer <token>)")
+        raise MissingToken("missing bearer token (Authorization: Bearer <token>)")
     if scheme.lower() != "bearer" or not token.strip():
         raise AuthError("Authorization header must be 'Bearer <token>'")
     return token.strip()

@@ -86,9 +86,19 @@ class AuthError(RequestError):
 
     status = 401
     code = "invalid_token"
+    # No credentials at all: RFC 6750 §3.1, the challenge then carries no error code.
+    missing = False
 
     def headers(self) -> dict[str, str]:
+        if self.missing:
+            return {"WWW-Authenticate": 'Bearer realm="broker"'}
         return {"WWW-Authenticate": f'Bearer error="{self.code}"'}
+
+
+class MissingToken(AuthError):
+    """The request carries no Authorization header."""
+
+    missing = True
 
 
 class Forbidden(RequestError):

@@ -35,7 +35,7 @@ async def setup_abc(client, auth, client_id="tpp-a"):
 async def test_21_no_token_is_401_with_interaction_id(client, auth):
     r = await client.post("/events", json={"returnImmediately": True})
     assert r.status == 401
-    assert r.headers["WWW-Authenticate"].startswith("Bearer")
+    assert r.headers["WWW-Authenticate"] == 'Bearer realm="broker"'  # RFC 6750 §3.1
     body = await r.read()
     obschema.check_response("POST", "/events", 401, r.headers, body)
     uuid.UUID(r.headers["x-fapi-interaction-id"])

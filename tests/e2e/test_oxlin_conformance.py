@@ -27,7 +27,8 @@ async def test_case01_subscribe_returns_201_and_location(client, auth):
 async def test_case02_subscribe_without_token_is_401_and_creates_nothing(client, auth):
     r = await client.post("/queues/subscribe", json={"topics": ["connections"]})
     assert r.status == 401
-    assert r.headers["WWW-Authenticate"].startswith("Bearer")
+    # RFC 6750 §3.1: no credentials, no error code in the challenge
+    assert r.headers["WWW-Authenticate"] == 'Bearer realm="broker"'
     assert (await r.json())["error"] == "invalid_token"
     store = client.app[store_key]
     assert await store.redis.keys("*queues*") == []
@@ -41,6 +42,7 @@ async def test_case03_garbage_or_expired_token_is_401(client, token):
             headers={"Authorization": f"Bearer {bad}"},
         )
         assert r.status == 401, bad
+        assert r.headers["WWW-Authenticate"] == 'Bearer error="invalid_token"'
         body = await r.json()
         assert body["error"] == "invalid_token" and body["message"]
     r = await client.post(

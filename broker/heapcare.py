@@ -78,18 +78,19 @@ async def renew_free_lists(loop: asyncio.AbstractEventLoop) -> list[str]:
     request heads (Cython free lists of 250). Returns the ones remade.
     """
     renewed = []
+    # The two made at once first, while nothing else has run since the trim.
     fut = loop.create_future()
     try:
         _renew(lambda: iter(fut))
         renewed.append("FutureIter")
     finally:
         fut.cancel()
-    if await _renew_handles(loop):
-        renewed.append("Handle")
     make_head = _request_head_maker()
     if make_head is not None:
         _renew(make_head)
         renewed.append("RawRequestMessage")
+    if await _renew_handles(loop):
+        renewed.append("Handle")
     return renewed
 
 
@@ -118,7 +119,7 @@ async def _renew_handles(loop: asyncio.AbstractEventLoop) -> bool:
     del taken
     fresh.clear()
     scattered.clear()
-    return True
+    return type(loop).__module__.startswith("uvloop")
 
 
 def _request_head_maker() -> Callable[[], object] | None:

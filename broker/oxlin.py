@@ -26,6 +26,9 @@ _ALLOWED = frozenset(
         "resource",
     }
 )
+# The resource type of the documented topics' events (spec §9.3: "connections" is CONNECTION
+# events). Topics added by configuration carry whatever their producers send.
+_CARRIES = {"connections": "CONNECTION"}
 # Ids go into the JSON answer unescaped, so they are restricted to characters that need none.
 _ID = re.compile(r"^[0-9A-Za-z._:-]{1,64}$")
 
@@ -87,19 +90,18 @@ def _encode_one(
         if not isinstance(v, str) or not v or len(v) > limit:
             raise bad(f"'{name}' must be a non-empty string of at most {limit} characters", name)
     topic = item.get("topic")
-    # A topic carries one resource type (spec §9.3: "connections" is CONNECTION events), so a
-    # queue subscribed to it never gets another kind of event.
-    carries = item["resource_type"].lower() + "s"  # CONNECTION -> connections
     if topic is None:
-        if carries not in known:
+        guess = item["resource_type"].lower() + "s"  # CONNECTION -> connections
+        if guess not in known:
             raise bad(f"'topic' is required (one of {', '.join(known)})", "topic")
-        topic = carries
+        topic = guess
     elif not isinstance(topic, str) or topic not in known:
         raise bad(f"'topic' must be one of {', '.join(known)}", "topic")
-    elif topic != carries:
+    carries = _CARRIES.get(topic)
+    if carries is not None and item["resource_type"] != carries:
+        # A queue subscribed to the topic must never get another kind of event.
         raise bad(
-            f"topic {topic!r} carries {topic.removesuffix('s').upper()} events, not"
-            f" {item['resource_type']}",
+            f"topic {topic!r} carries {carries} events, not {item['resource_type']}",
             "resource_type",
         )
     event_id = item.get("id", "")

@@ -25,9 +25,12 @@ end
 
 local sub = redis.call('HMGET', KEYS[6], 'types', 'version')
 local types = sub[1]
--- A subscription made on version 3.1.1 gets resource-update events only, whatever its
--- EventTypes say (OB event-notification API profile, backwards compatibility).
+-- A subscription made on version 3.1.1 gets resource-update events only (OB event-notification
+-- API profile, backwards compatibility): if its EventTypes include them (or are omitted), and
+-- only SETs that carry nothing else.
+local only_update = false
 if types and sub[2] == '3.1.1' then
+  only_update = true
   if types == '*' or string.find(types, ',UK.OBIE.Resource-Update,', 1, true) then
     types = ',UK.OBIE.Resource-Update,'
   else
@@ -46,7 +49,9 @@ for i = 1, n do
   local flag = 0
   if types then
     flag = -1
-    if types == '*' then
+    if only_update and wanted ~= ',UK.OBIE.Resource-Update,' then
+      flag = -1
+    elseif types == '*' then
       flag = 1
     else
       for code in string.gmatch(wanted, '[^,]+') do

@@ -139,27 +139,39 @@ async def test_56_a_set_with_one_subscribed_event_among_others_is_queued(client,
     assert list(sets) == [jti]
 
 
-@pytest.mark.parametrize("event_types", [None, ["UK.OBIE.Consent-Authorization-Revoked"]])
-async def test_a_3_1_1_subscription_gets_resource_update_events_only(client, auth, event_types):
+@pytest.mark.parametrize(
+    ("event_types", "queued"),
+    [
+        (None, [1]),
+        (["UK.OBIE.Resource-Update", "UK.OBIE.Consent-Authorization-Revoked"], [1]),
+        (["UK.OBIE.Consent-Authorization-Revoked"], []),
+    ],
+)
+async def test_a_3_1_1_subscription_gets_resource_update_events_only(
+    client, auth, event_types, queued
+):
     # OB event-notification API profile (spec §5.8): "Version 3.1.1 ... limits events to
-    # resource-update", whatever EventTypes says; GET still shows what the TPP sent.
+    # resource-update": a consent-revoked SET, or one carrying both, is not queued for it, nor
+    # is anything if its EventTypes leave resource-update out; GET shows what the TPP sent.
     a = TPP(client, auth, "tpp-a")
     sub_id = await a.subscribe(
         Version="3.1.1", **({"EventTypes": event_types} if event_types else {})
     )
+    mixed = resource_update("m")
+    mixed["events"][CAR] = {}
     r = await client.post(
         "/publish/clients/tpp-a/sets",
-        json=[consent_revoked(), resource_update()],
+        json=[consent_revoked(), resource_update(), mixed],
         headers=a._auth("producer", scopes=["events:publish"]),
     )
     assert r.status == 202
     out = await r.json()
-    skipped = [{"index": 0, "reason": "event_type_not_subscribed"}]
-    if event_types:  # nothing it asked for is deliverable on 3.1.1
-        skipped.append({"index": 1, "reason": "event_type_not_subscribed"})
-    assert out["skipped"] == skipped
+    skipped = [
+        {"index": i, "reason": "event_type_not_subscribed"} for i in range(3) if i not in queued
+    ]
+    assert out["skipped"] == skipped and len(out["jtis"]) == len(queued)
     sets, _ = await a.poll_ok({"returnImmediately": True})
-    assert list(sets) == out["jtis"] and len(sets) == (0 if event_types else 1)
+    assert list(sets) == out["jtis"]
     (sub,) = (await a.ob("GET", "/event-subscriptions")).json()["Data"]["EventSubscription"]
     assert sub["EventSubscriptionId"] == sub_id and sub.get("EventTypes") == event_types
 

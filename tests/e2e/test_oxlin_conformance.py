@@ -218,13 +218,13 @@ async def test_case18_queue_expires_after_ttl_without_polls(make_client, auth):
 async def test_case18_a_queue_also_expires_ttl_after_its_last_poll(make_client, auth):
     # The timer runs from the last query: a queue that was polled expires one ttl after that
     # poll, with the event published meanwhile (a later poll would have been its only read).
-    client = await make_client(queues={"ttl_s": 1})
+    client = await make_client(queues={"ttl_s": 2})
     loc = await subscribe(client, auth, "u1")
-    await asyncio.sleep(0.6)
+    await asyncio.sleep(1.1)
     assert (await client.get(loc, headers=auth("u1"))).status == 204  # resets the timer
-    await asyncio.sleep(0.6)  # 1.2 s after subscribe, 0.6 s after the poll: still alive
+    await asyncio.sleep(1.1)  # past one ttl since subscribe, not since the poll: alive
     assert (await publish(client, auth, "u1", connection_event()))["queues"] == 1
-    await asyncio.sleep(1.3)  # now past one ttl since the last poll
+    await asyncio.sleep(2.3)  # now past one ttl since the last poll
     assert (await publish(client, auth, "u1", connection_event()))["queues"] == 0
     assert (await client.get(loc, headers=auth("u1"))).status == 404
 

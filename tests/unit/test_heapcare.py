@@ -6,7 +6,7 @@ import asyncio
 import sys
 from typing import Any
 
-import uvloop
+import pytest
 from aiohttp import web
 
 from broker import heapcare, ids
@@ -67,6 +67,8 @@ async def test_the_future_iter_free_list_is_remade_from_new_memory():
 
 
 def test_uvloops_handle_free_list_is_remade_from_new_memory():
+    uvloop = pytest.importorskip("uvloop")  # the `fast` extra, which make installs
+
     async def check() -> None:
         loop = asyncio.get_running_loop()
 

@@ -96,11 +96,16 @@ async def renew_free_lists(loop: asyncio.AbstractEventLoop) -> list[str]:
 
 def _renew(make: Callable[[], object]) -> None:
     # The first objects take every entry the free list holds; the rest are new memory.
-    taken = [make() for _ in range(2 * _FREELIST)]
+    _free_newest_first([make() for _ in range(2 * _FREELIST)])
+
+
+def _free_newest_first(taken: list[object]) -> None:
+    """Free the objects made from new memory first, so they refill the free list, then the
+    ones it held before, which find it full and go back to malloc."""
     scattered, fresh = taken[:_FREELIST], taken[_FREELIST:]
-    del taken
-    fresh.clear()  # freed first: they fill the free list again
-    scattered.clear()  # the list is full by now: these go back to malloc
+    taken.clear()
+    fresh.clear()
+    scattered.clear()
 
 
 async def _renew_handles(loop: asyncio.AbstractEventLoop) -> bool:
@@ -110,15 +115,14 @@ async def _renew_handles(loop: asyncio.AbstractEventLoop) -> bool:
     def nothing() -> None:
         pass
 
-    taken = [loop.call_soon(nothing) for _ in range(2 * _FREELIST)]
-    for handle in taken:
+    taken: list[object] = []
+    for _ in range(2 * _FREELIST):
+        handle = loop.call_soon(nothing)
         handle.cancel()
+        taken.append(handle)
     await asyncio.sleep(0)
     await asyncio.sleep(0)
-    scattered, fresh = taken[:_FREELIST], taken[_FREELIST:]
-    del taken
-    fresh.clear()
-    scattered.clear()
+    _free_newest_first(taken)
     return type(loop).__module__.startswith("uvloop")
 
 

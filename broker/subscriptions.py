@@ -12,6 +12,7 @@ import secrets
 import time
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from redis.asyncio import Redis
 
@@ -23,6 +24,9 @@ ALL_TYPES = "*"
 _CODE_BY_NAME = {code.lower(): code for code in ob.SUBSCRIBABLE_CODES}
 _CODE_BY_NAME.update({urn.lower(): code for urn, code in ob.EVENT_CODES.items()})
 _URI = re.compile(r"^https?://\S+$", re.IGNORECASE)
+# A real-time callback "MUST end with <version>/event-notifications" (OB event subscription
+# resource, e.g. https://tpp.com/open-banking/v3.1/event-notifications); query and fragment aside.
+_CALLBACK_PATH = re.compile(r"/v?\d+(\.\d+)*/event-notifications/?$", re.IGNORECASE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +75,12 @@ def parse_subscription(body: Any, *, path_id: str | None = None) -> Subscription
         not isinstance(callback, str) or len(callback) > 2048 or not _URI.match(callback)
     ):
         raise bad("Data.CallbackUrl must be an http(s) URL", "Data.CallbackUrl")
+    if callback is not None and not _CALLBACK_PATH.search(urlsplit(callback).path):
+        raise bad(
+            "Data.CallbackUrl must end with <version>/event-notifications, e.g."
+            " https://tpp.example/open-banking/v3.1/event-notifications",
+            "Data.CallbackUrl",
+        )
     types: tuple[str, ...] | None = None
     if "EventTypes" in data:
         raw = data["EventTypes"]

@@ -62,6 +62,12 @@ async def test_52_second_subscription_of_a_tpp_is_409(client, auth):
         ({"Version": ""}, "UK.OBIE.Field.Invalid"),
         ({"Version": 3.1}, "UK.OBIE.Field.Invalid"),
         ({"Version": "3.1", "CallbackUrl": "not a url"}, "UK.OBIE.Field.Invalid"),
+        # a real-time callback must end with <version>/event-notifications
+        ({"Version": "3.1", "CallbackUrl": "https://evil.example/x"}, "UK.OBIE.Field.Invalid"),
+        (
+            {"Version": "3.1", "CallbackUrl": "https://tpp.example/v3.1/notifications"},
+            "UK.OBIE.Field.Invalid",
+        ),
         ({"Version": "3.1", "EventTypes": "UK.OBIE.Resource-Update"}, "UK.OBIE.Field.Invalid"),
     ],
 )

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from broker.looplag import LoopLag
     from broker.metrics import Metrics
     from broker.persistence import Persistence
+    from broker.push import Pusher
     from broker.sets import SetStore
     from broker.signing import LoopSigning, Signer
     from broker.signproc import SigningProcesses
@@ -39,3 +40,5 @@ signer_key: web.AppKey[Signer] = web.AppKey("signer")
 signing_pool_key: web.AppKey[SigningProcesses | LoopSigning] = web.AppKey("signing_pool")
 sets_key: web.AppKey[SetStore] = web.AppKey("sets")
 subscriptions_key: web.AppKey[SubscriptionStore] = web.AppKey("subscriptions")
+# Real-time push of SETs to subscriptions' CallbackUrl (broker/push.py).
+pusher_key: web.AppKey[Pusher] = web.AppKey("pusher")

@@ -266,6 +266,38 @@ class EventSettings:
 
 
 @dataclass(frozen=True)
+class PushSettings:
+    """Real-time push of SETs to a subscription's CallbackUrl (broker/push.py)."""
+
+    enabled: bool = True
+    # One POST's time-out; no reply in time counts as a failure to retry.
+    timeout_s: float = 10.0
+    # Attempts per SET before the callback is declared unresponsive for it (it stays pollable).
+    max_attempts: int = 8
+    # The wait after the first failure, doubled after each one, never over max_backoff_s.
+    backoff_s: float = 1.0
+    max_backoff_s: float = 300.0
+    # How often a worker looks for pushes that fell due (a publish in the same worker wakes it).
+    interval_s: float = 1.0
+    # OB callbacks are TLS only; plain http is for tests and development.
+    allow_http: bool = False
+    # Sent as x-fapi-financial-id when set (the 3.1.9 OAS requires it).
+    financial_id: str = ""
+
+    def check(self) -> None:
+        _require(self.timeout_s > 0, "push.timeout_s", self.timeout_s, "a positive number")
+        _require(self.max_attempts >= 1, "push.max_attempts", self.max_attempts, "at least 1")
+        _require(self.backoff_s > 0, "push.backoff_s", self.backoff_s, "a positive number")
+        _require(
+            self.max_backoff_s >= self.backoff_s,
+            "push.max_backoff_s",
+            self.max_backoff_s,
+            ">= push.backoff_s",
+        )
+        _require(self.interval_s > 0, "push.interval_s", self.interval_s, "a positive number")
+
+
+@dataclass(frozen=True)
 class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
     redis: RedisSettings = field(default_factory=RedisSettings)
@@ -275,6 +307,7 @@ class Settings:
     publish: PublishSettings = field(default_factory=PublishSettings)
     signing: SigningSettings = field(default_factory=SigningSettings)
     events: EventSettings = field(default_factory=EventSettings)
+    push: PushSettings = field(default_factory=PushSettings)
 
     @property
     def data_dir(self) -> Path:

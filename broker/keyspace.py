@@ -109,3 +109,10 @@ def sets_nacked(tag: str) -> str:
 
 def subscription(tag: str) -> str:
     return base(tag) + ":sub"
+
+
+# Real-time push (broker/push.py): SETs due to be pushed, as "<client id>\n<jti>" scored by
+# the ms they fall due, and the attempts made for each. One hash tag: the claim script
+# touches the schedule alone.
+PUSH_DUE = "brk:{push}:due"
+PUSH_TRIES = "brk:{push}:tries"

@@ -44,6 +44,7 @@ class SignedSet:
 class PublishOutcome:
     flags: list[int]  # per SET: QUEUED, NO_SUBSCRIPTION or NOT_SUBSCRIBED
     expired: int  # unacked SETs dropped past the retention by this step
+    callback: str = ""  # the subscription's CallbackUrl: its SETs are pushed there too
 
 
 @dataclass(slots=True)  # not frozen: a frozen __init__ costs 4x, and one is made per request
@@ -130,8 +131,14 @@ class SetStore:
             keyspace.sets_seq(tag),
             keyspace.subscription(tag),
         ]
-        flags, expired = await guard(self.runner.run_with_wake(self._publish, keys, args, tag))
-        return PublishOutcome(flags=[int(f) for f in flags], expired=int(expired))
+        flags, expired, callback = await guard(
+            self.runner.run_with_wake(self._publish, keys, args, tag)
+        )
+        if isinstance(callback, bytes):
+            callback = callback.decode()
+        return PublishOutcome(
+            flags=[int(f) for f in flags], expired=int(expired), callback=str(callback)
+        )
 
     async def poll(
         self,

@@ -55,7 +55,9 @@ class SubscriptionInput:
     event_types: tuple[str, ...] | None
 
 
-def parse_subscription(body: Any, *, path_id: str | None = None) -> SubscriptionInput:
+def parse_subscription(
+    body: Any, *, path_id: str | None = None, allow_http: bool = False
+) -> SubscriptionInput:
     """Check an OBEventSubscription1 (POST) or OBEventSubscriptionResponse1 (PUT) body."""
     if not isinstance(body, dict) or not isinstance(body.get("Data"), dict):
         raise bad("body must be a JSON object with a 'Data' object", "Data", ob.FIELD_MISSING)
@@ -75,6 +77,9 @@ def parse_subscription(body: Any, *, path_id: str | None = None) -> Subscription
         not isinstance(callback, str) or len(callback) > 2048 or not _URI.match(callback)
     ):
         raise bad("Data.CallbackUrl must be an http(s) URL", "Data.CallbackUrl")
+    if callback is not None and not allow_http and urlsplit(callback).scheme.lower() != "https":
+        # OB callbacks use TLS; a plain-http one would be stored and never pushed to.
+        raise bad("Data.CallbackUrl must be an https URL", "Data.CallbackUrl")
     if callback is not None and not _CALLBACK_PATH.search(urlsplit(callback).path):
         raise bad(
             "Data.CallbackUrl must end with <version>/event-notifications, e.g."

@@ -20,6 +20,7 @@ from broker import ids, jsonutil, keyspace, ob
 from broker.appkeys import (
     hub_key,
     metrics_key,
+    pusher_key,
     sets_key,
     settings_key,
     signer_key,
@@ -31,6 +32,7 @@ from broker.auth import PUBLISH_SCOPE
 from broker.errors import InvalidRequest, PayloadTooLarge
 from broker.http import authenticate, client_gone, finish, held, parked, read_json
 from broker.metrics import Metrics
+from broker.push import Pusher
 from broker.routing import guards_itself
 from broker.sets import NO_SUBSCRIPTION, NOTHING, QUEUED, PollOutcome, SetStore, SignedSet
 from broker.signing import compact_jws
@@ -52,7 +54,13 @@ async def ob_ctx(app: web.Application) -> AsyncIterator[None]:
         runner=store.runner,
     )
     app[subscriptions_key] = SubscriptionStore(redis)
-    yield
+    pusher = Pusher(redis, app[sets_key], app[subscriptions_key], settings.push, app[metrics_key])
+    app[pusher_key] = pusher
+    pusher.start()
+    try:
+        yield
+    finally:
+        await pusher.aclose()
 
 
 @routes.post("/publish/clients/{client_id}/sets")
@@ -90,6 +98,13 @@ async def publish_sets(request: web.Request) -> web.Response:
     metrics = app[metrics_key]
     queued = [s.jti for s, f in zip(signed, outcome.flags, strict=True) if f == QUEUED]
     metrics.sets_published_total += len(queued)
+    if outcome.callback and queued:
+        # Stored already: a failure to schedule the push leaves them pollable, so the
+        # producer's 202 stands.
+        try:
+            await finish(request, lambda: app[pusher_key].schedule(client_id, queued))
+        except Exception:
+            log.exception("push: scheduling %d SETs of %s failed", len(queued), client_id)
     if outcome.expired:
         _count_expired(request, client_id, outcome.expired)
     skipped = [

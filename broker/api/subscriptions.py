@@ -9,7 +9,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from broker import jsonutil, ob
-from broker.appkeys import subscriptions_key
+from broker.appkeys import settings_key, subscriptions_key
 from broker.errors import Conflict, InvalidRequest
 from broker.http import authenticate, finish, read_json
 from broker.subscriptions import Subscription, parse_subscription
@@ -42,7 +42,9 @@ def _unknown(sub_id: str) -> InvalidRequest:
 @routes.post(PATH)
 async def create(request: web.Request) -> web.Response:
     client = _client(request)
-    new = parse_subscription(await read_json(request))
+    new = parse_subscription(
+        await read_json(request), allow_http=request.app[settings_key].push.allow_http
+    )
     store = request.app[subscriptions_key]
     sub = await finish(request, lambda: store.create(client, new))
     if sub is None:
@@ -69,7 +71,11 @@ async def list_all(request: web.Request) -> web.Response:
 async def change(request: web.Request) -> web.Response:
     client = _client(request)
     sub_id = request.match_info["sub_id"]
-    new = parse_subscription(await read_json(request), path_id=sub_id)
+    new = parse_subscription(
+        await read_json(request),
+        path_id=sub_id,
+        allow_http=request.app[settings_key].push.allow_http,
+    )
     store = request.app[subscriptions_key]
     if not await finish(request, lambda: store.update(client, sub_id, new)):
         raise _unknown(sub_id)

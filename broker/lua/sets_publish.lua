@@ -5,7 +5,8 @@
 -- KEYS[5] order score counter, KEYS[6] subscription (hash)
 -- ARGV[1] retention ms, ARGV[2] SET count n, then n triples (jti, compact JWS, ",Code,...,")
 -- Returns {per-SET flags: 1 queued, 0 no subscription, -1 event types not subscribed,
---          number of unacked SETs dropped for being older than the retention}.
+--          number of unacked SETs dropped for being older than the retention,
+--          the subscription's CallbackUrl or ''}.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local n = tonumber(ARGV[2])
@@ -23,7 +24,7 @@ while true do
   expired = expired + #old
 end
 
-local sub = redis.call('HMGET', KEYS[6], 'types', 'version')
+local sub = redis.call('HMGET', KEYS[6], 'types', 'version', 'callback')
 local types = sub[1]
 -- A subscription made on version 3.1.1 gets resource-update events only (OB event-notification
 -- API profile, backwards compatibility): if its EventTypes include them (or are omitted), and
@@ -71,4 +72,5 @@ for i = 1, n do
   flags[i] = flag
 end
 if queued > 0 then redis.call('SET', KEYS[5], string.format('%.0f', last)) end
-return {flags, expired}
+-- The subscription's callback ('' if none): the caller schedules the real-time push.
+return {flags, expired, sub[3] or ''}

@@ -62,6 +62,11 @@ async def test_52_second_subscription_of_a_tpp_is_409(client, auth):
         ({"Version": ""}, "UK.OBIE.Field.Invalid"),
         ({"Version": 3.1}, "UK.OBIE.Field.Invalid"),
         ({"Version": "3.1", "CallbackUrl": "not a url"}, "UK.OBIE.Field.Invalid"),
+        # TLS only (push.allow_http is off by default)
+        (
+            {"Version": "3.1", "CallbackUrl": "http://tpp.example/v3.1/event-notifications"},
+            "UK.OBIE.Field.Invalid",
+        ),
         # a real-time callback must end with <version>/event-notifications
         ({"Version": "3.1", "CallbackUrl": "https://evil.example/x"}, "UK.OBIE.Field.Invalid"),
         (

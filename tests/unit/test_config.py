@@ -52,6 +52,9 @@ def test_env_overrides_file(tmp_path):
         ({"BROKER_SERVER_ALLOCATOR": "jemalloc"}, "server.allocator", "jemalloc"),
         ({"BROKER_POLL_HOLD_JITTER": "0.9"}, "poll.hold_jitter", "0.9"),
         ({"BROKER_AUTH_JWKS_FILE": "/nonexistent.json"}, "auth.jwks_file", "/nonexistent.json"),
+        ({"BROKER_PUSH_MAX_ATTEMPTS": "0"}, "push.max_attempts", "0"),
+        ({"BROKER_PUSH_MAX_BACKOFF_S": "0.5"}, "push.max_backoff_s", "0.5"),
+        ({"BROKER_PUSH_TIMEOUT_S": "-1"}, "push.timeout_s", "-1"),
     ],
 )
 def test_bad_value_names_key_and_value(env, key, value):

@@ -1,0 +1,178 @@
+"""Real-time push: each SET queued for a subscription with a CallbackUrl is POSTed there too.
+
+The OB event-notification profile (spec §5.10, §8 case 59): `POST {CallbackUrl}` with
+`Content-Type: application/jwt`, the compact SET as the body and an `x-fapi-interaction-id`;
+the TPP acknowledges with 202. A 5xx, a time-out or no connection is retried with an
+exponential backoff up to `push.max_attempts`, after which the callback is declared
+unresponsive for that SET.
+
+Why on top of the polling store, not instead of it: the SET is stored (and acknowledged to
+the producer) before any push, and stays pollable until the push succeeds, which acks it.
+A push lost to a crash, a refused one (4xx) or one given up on leaves the SET where the TPP
+can still poll it ("the TPP may fall back to aggregated polling"). The schedule is in Redis
+(keyspace.PUSH_DUE), shared by every worker: a claim is a lease, so a worker that dies with
+pushes in hand only delays them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Sequence
+from urllib.parse import urlsplit
+
+import aiohttp
+from redis.asyncio import Redis
+
+from broker import ids, keyspace
+from broker.config import PushSettings
+from broker.metrics import Metrics
+from broker.sets import SetStore
+from broker.subscriptions import SubscriptionStore
+
+log = logging.getLogger(__name__)
+
+_CLAIM = 32  # pushes claimed per turn, and so sent at once by one worker
+
+
+class Pusher:
+    def __init__(
+        self,
+        redis: Redis,
+        sets: SetStore,
+        subscriptions: SubscriptionStore,
+        settings: PushSettings,
+        metrics: Metrics,
+    ) -> None:
+        self.redis = redis
+        self.sets = sets
+        self.subscriptions = subscriptions
+        self.settings = settings
+        self.metrics = metrics
+        self._claim = redis.register_script(keyspace.lua("push_claim"))
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._session: aiohttp.ClientSession | None = None
+
+    async def schedule(self, client_id: str, jtis: Sequence[str]) -> None:
+        """Make these SETs due for a push now (the client's subscription has a callback)."""
+        if not jtis or not self.settings.enabled:
+            return
+        now = _now_ms()
+        await self.redis.zadd(keyspace.PUSH_DUE, {f"{client_id}\n{j}": now for j in jtis})
+        self._wake.set()
+
+    def start(self) -> None:
+        if self.settings.enabled:
+            self._session = aiohttp.ClientSession()
+            self._task = asyncio.create_task(self._run(), name="broker-push")
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._session is not None:
+            await self._session.close()
+
+    async def _run(self) -> None:
+        lease_ms = int((self.settings.timeout_s + 5) * 1000)
+        while True:
+            try:
+                members = await self._claim(
+                    keys=[keyspace.PUSH_DUE], args=[_now_ms(), lease_ms, _CLAIM]
+                )
+            except Exception as e:  # Redis away: try again at the next turn
+                log.warning("push: claiming due pushes failed: %s", e)
+                members = []
+            if members:
+                await asyncio.gather(*(self._push(_text(m)) for m in members))
+                continue
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.settings.interval_s):
+                    await self._wake.wait()
+
+    async def _push(self, member: str) -> None:
+        """One attempt; never raises (a failure leaves the lease to expire: tried again)."""
+        client_id, _, jti = member.rpartition("\n")
+        try:
+            sub = await self.subscriptions.get(client_id)
+            url = sub.callback_url if sub is not None else None
+            jws = await self.redis.hget(keyspace.sets_jws(keyspace.client_tag(client_id)), jti)
+            if not url or jws is None:  # the subscription lost its callback, or the SET is gone
+                await self._done(member)
+                return
+            if urlsplit(url).scheme.lower() != "https" and not self.settings.allow_http:
+                log.warning(
+                    "push: %s's callback is not https; not pushed (push.allow_http)", client_id
+                )
+                self.metrics.sets_push_refused_total += 1
+                await self._done(member)
+                return
+            status = await self._post(url, jws)
+            if status is not None and 200 <= status < 300:
+                await self.sets.poll(client_id, limit=0, ack=[jti])  # delivered: acked
+                self.metrics.sets_pushed_total += 1
+                await self._done(member)
+            elif status is not None and status < 500:
+                # The TPP refused it: retrying will not help; it stays pollable.
+                log.warning("push: %s answered %s for SET %s; not retried", client_id, status, jti)
+                self.metrics.sets_push_refused_total += 1
+                await self._done(member)
+            else:
+                await self._retry_later(member, client_id, jti, status)
+        except Exception:
+            log.exception("push: SET %s of %s", jti, client_id)
+
+    async def _post(self, url: str, jws: bytes | str) -> int | None:
+        """The callback's status, or None if it gave none (time-out, no connection)."""
+        headers = {"Content-Type": "application/jwt", "x-fapi-interaction-id": ids.uuid4()}
+        if self.settings.financial_id:
+            headers["x-fapi-financial-id"] = self.settings.financial_id
+        assert self._session is not None
+        try:
+            async with self._session.post(
+                url,
+                data=jws,
+                headers=headers,
+                timeout=aiohttp.ClientTimeout(total=self.settings.timeout_s),
+                allow_redirects=False,  # the registered URL, nowhere else
+            ) as r:
+                return r.status
+        except (aiohttp.ClientError, TimeoutError):
+            return None
+
+    async def _retry_later(self, member: str, client_id: str, jti: str, status: int | None) -> None:
+        tries = int(await self.redis.hincrby(keyspace.PUSH_TRIES, member, 1))
+        if tries >= self.settings.max_attempts:
+            log.warning(
+                "push: %s's callback unresponsive for SET %s after %d attempts (last: %s);"
+                " it stays pollable",
+                client_id,
+                jti,
+                tries,
+                status or "no answer",
+            )
+            self.metrics.sets_push_abandoned_total += 1
+            await self._done(member)
+            return
+        wait_s = min(self.settings.backoff_s * 2 ** (tries - 1), self.settings.max_backoff_s)
+        await self.redis.zadd(keyspace.PUSH_DUE, {member: _now_ms() + int(wait_s * 1000)})
+        self.metrics.sets_push_retries_total += 1
+
+    async def _done(self, member: str) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zrem(keyspace.PUSH_DUE, member)
+        pipe.hdel(keyspace.PUSH_TRIES, member)
+        await pipe.execute()
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

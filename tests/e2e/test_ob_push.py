@@ -1,0 +1,149 @@
+"""Spec §8 case 59: SETs pushed to a subscription's CallbackUrl, retried on 5xx with backoff.
+
+The TPP's endpoint is an aiohttp server in the test, answering with the statuses given.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import Any
+
+from aiohttp import web
+
+from broker import keyspace
+from broker.appkeys import metrics_key, sets_key
+from tests.ob_helpers import TPP, fetch_jwks, resource_update, verify_set
+
+PUSH = {"allow_http": True, "backoff_s": 0.2, "max_attempts": 3, "interval_s": 0.05}
+
+
+class Callback:
+    """The TPP's /event-notifications endpoint: answers `statuses` in turn, then the last."""
+
+    def __init__(self, *statuses: int) -> None:
+        self.statuses = list(statuses)
+        self.received: list[tuple[float, dict[str, str], str]] = []
+        self._arrived = asyncio.Event()
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.received.append((time.monotonic(), dict(request.headers), await request.text()))
+        self._arrived.set()
+        status = self.statuses.pop(0) if len(self.statuses) > 1 else self.statuses[0]
+        return web.Response(status=status)
+
+    async def until(self, n: int) -> None:
+        async with asyncio.timeout(10):
+            while len(self.received) < n:
+                self._arrived.clear()
+                await self._arrived.wait()
+
+
+async def _setup(make_client: Any, aiohttp_server: Any, auth: Any, cb: Callback, **push: Any):
+    app = web.Application()
+    app.router.add_post("/open-banking/v3.1/event-notifications", cb.handle)
+    server = await aiohttp_server(app)
+    client = await make_client(push={**PUSH, **push})
+    a = TPP(client, auth, "tpp-a")
+    await a.subscribe(CallbackUrl=str(server.make_url("/open-banking/v3.1/event-notifications")))
+    return client, a
+
+
+async def test_59_a_set_is_pushed_as_application_jwt_and_a_202_delivers_it(
+    aiohttp_server, make_client, auth
+):
+    cb = Callback(202)
+    client, a = await _setup(make_client, aiohttp_server, auth, cb)
+    (jti,) = await a.publish(resource_update("r1"))
+    await cb.until(1)
+    _at, headers, body = cb.received[0]
+    assert headers["Content-Type"] == "application/jwt"
+    uuid.UUID(headers["x-fapi-interaction-id"])
+    verify_set(await fetch_jwks(client), body, jti=jti, aud="tpp-a")
+    # Delivered: acked, so a poll no longer returns it.
+    for _ in range(100):
+        sets, _more = await a.poll_ok({"returnImmediately": True})
+        if not sets:
+            break
+        await asyncio.sleep(0.02)
+    assert sets == {}
+    await asyncio.sleep(0.5)
+    assert len(cb.received) == 1  # pushed once
+    assert client.app[metrics_key].sets_pushed_total == 1
+
+
+async def test_59_a_5xx_is_retried_with_growing_intervals_until_a_202(
+    aiohttp_server, make_client, auth
+):
+    cb = Callback(503, 500, 202)
+    client, a = await _setup(make_client, aiohttp_server, auth, cb)
+    await a.publish(resource_update("r2"))
+    await cb.until(3)
+    (t1, _, b1), (t2, _, b2), (t3, _, b3) = cb.received
+    assert b1 == b2 == b3  # the same SET each time
+    # backoff_s 0.2, doubled: the second wait is longer than the first
+    assert t2 - t1 >= 0.15 and t3 - t2 >= 0.35
+    for _ in range(100):
+        sets, _more = await a.poll_ok({"returnImmediately": True})
+        if not sets:
+            break
+        await asyncio.sleep(0.02)
+    assert sets == {}  # delivered at the third attempt
+    assert client.app[metrics_key].sets_push_retries_total == 2
+
+
+async def test_59_a_callback_that_stays_down_is_given_up_and_the_set_stays_pollable(
+    aiohttp_server, make_client, auth
+):
+    cb = Callback(503)
+    client, a = await _setup(make_client, aiohttp_server, auth, cb, backoff_s=0.05)
+    (jti,) = await a.publish(resource_update("r3"))
+    await cb.until(3)
+    await asyncio.sleep(0.6)
+    assert len(cb.received) == 3  # push.max_attempts, then no more
+    sets, _more = await a.poll_ok({"returnImmediately": True})
+    assert list(sets) == [jti]
+    assert client.app[metrics_key].sets_push_abandoned_total == 1
+
+
+async def test_59_a_4xx_is_not_retried_and_the_set_stays_pollable(
+    aiohttp_server, make_client, auth
+):
+    cb = Callback(400)
+    client, a = await _setup(make_client, aiohttp_server, auth, cb)
+    (jti,) = await a.publish(resource_update("r4"))
+    await cb.until(1)
+    await asyncio.sleep(0.6)
+    assert len(cb.received) == 1
+    sets, _more = await a.poll_ok({"returnImmediately": True})
+    assert list(sets) == [jti]
+    assert client.app[metrics_key].sets_push_refused_total == 1
+
+
+async def test_a_plain_http_callback_is_not_pushed_to_unless_allowed(
+    aiohttp_server, make_client, auth
+):
+    # Registered on a broker that allows it (and pushes nothing itself), then pushed by one
+    # with push.allow_http off, as after a restart with the default.
+    cb = Callback(202)
+    await _setup(make_client, aiohttp_server, auth, cb, enabled=False)
+    strict = await make_client(push={**PUSH, "allow_http": False})
+    b = TPP(strict, auth, "tpp-a")
+    (jti,) = await b.publish(resource_update("r5"))
+    await asyncio.sleep(0.6)
+    assert cb.received == []  # OB callbacks are TLS only
+    sets, _more = await b.poll_ok({"returnImmediately": True})
+    assert list(sets) == [jti]
+    assert strict.app[metrics_key].sets_push_refused_total == 1
+
+
+async def test_a_subscription_without_callback_is_never_pushed_for(client, auth):
+    a = TPP(client, auth, "tpp-a")
+    await a.subscribe()
+    (jti,) = await a.publish(resource_update("r6"))
+    sets, _more = await a.poll_ok({"returnImmediately": True})
+    assert list(sets) == [jti]
+    # nothing was scheduled
+    assert await client.app[sets_key].redis.zcard(keyspace.PUSH_DUE) == 0
+    assert client.app[metrics_key].sets_pushed_total == 0

@@ -21,6 +21,9 @@ single Redis Cluster slot):
     brk:{c:<client>}:sets:nacked HASH   jti -> {"set","err","description","at"} JSON; TTL'd
     brk:{c:<client>}:sub         HASH   the client's event subscription: id, version,
                                         callback, types (",Code,Code," or "*" for all)
+    brk:{push}:due               ZSET   "<client>\n<jti>" -> when its push falls due (ms), or
+                                        until when a worker's claim holds it (broker/push.py)
+    brk:{push}:tries             HASH   "<client>\n<jti>" -> push attempts made
 
 The queue scripts build the per-queue key names from the tag they are given in KEYS, and
 sets_poll.lua the names of a client's SET keys from its `sets` key (one argument to encode

@@ -20,12 +20,14 @@ class Metrics:
     sets_nacked_total: int = 0
     sets_expired_total: int = 0
     event_polls_total: int = 0
-    # Real-time push (broker/push.py): delivered (202, then acked), retries scheduled, refused
-    # (a 4xx, or a callback that is not https), given up after push.max_attempts.
+    # Real-time push (broker/push.py): delivered (a 2xx, then acked), retries scheduled,
+    # refused (a 4xx, a redirect, or a callback that is not https), given up after
+    # push.max_attempts, and queued SETs whose push could not be scheduled (still pollable).
     sets_pushed_total: int = 0
     sets_push_retries_total: int = 0
     sets_push_refused_total: int = 0
     sets_push_abandoned_total: int = 0
+    sets_push_unscheduled_total: int = 0
 
     def render(self, gauges: dict[str, float], standard: dict[str, float] | None = None) -> str:
         """The counters and `gauges` under broker_, then `standard` (process_*) as they are."""

@@ -21,6 +21,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Sequence
+from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -34,7 +35,9 @@ from broker.subscriptions import SubscriptionStore
 
 log = logging.getLogger(__name__)
 
-_CLAIM = 32  # pushes claimed per turn, and so sent at once by one worker
+_CLAIM = 32  # pushes one worker has in flight at most
+# Statuses below 500 that still mean "try again later": a time-out, too many requests.
+_RETRIED = frozenset({408, 429})
 
 
 class Pusher:
@@ -45,14 +48,20 @@ class Pusher:
         subscriptions: SubscriptionStore,
         settings: PushSettings,
         metrics: Metrics,
+        *,
+        redis_timeout_s: float = 5.0,
     ) -> None:
         self.redis = redis
+        # A claim's lease outlasts one attempt: the POST's time-out, and the Redis steps around
+        # it, each of which may wait for a pooled connection and then for its reply.
+        self._lease_ms = int((settings.timeout_s + 3 * 2 * redis_timeout_s + 5) * 1000)
         self.sets = sets
         self.subscriptions = subscriptions
         self.settings = settings
         self.metrics = metrics
         self._claim = redis.register_script(keyspace.lua("push_claim"))
         self._wake = asyncio.Event()
+        self._stopping = False
         self._task: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
 
@@ -70,30 +79,57 @@ class Pusher:
             self._task = asyncio.create_task(self._run(), name="broker-push")
 
     async def aclose(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        if self._session is not None:
-            await self._session.close()
+        try:
+            if self._task is not None:
+                # Let the loop leave at its next turn rather than cancel it in a Redis call:
+                # a command cut off there can leave the shared pool's connection waiting.
+                self._stopping = True
+                self._wake.set()
+                await asyncio.wait({self._task}, timeout=2)
+                self._task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._task
+        finally:
+            if self._session is not None:
+                await self._session.close()
 
     async def _run(self) -> None:
-        lease_ms = int((self.settings.timeout_s + 5) * 1000)
-        while True:
-            try:
-                members = await self._claim(
-                    keys=[keyspace.PUSH_DUE], args=[_now_ms(), lease_ms, _CLAIM]
-                )
-            except Exception as e:  # Redis away: try again at the next turn
-                log.warning("push: claiming due pushes failed: %s", e)
-                members = []
-            if members:
-                await asyncio.gather(*(self._push(_text(m)) for m in members))
-                continue
-            self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.settings.interval_s):
-                    await self._wake.wait()
+        """Keep up to _CLAIM pushes in flight, claiming more as each one ends: a callback
+        that hangs holds one slot for push.timeout_s, not every other TPP's pushes."""
+        inflight: set[asyncio.Task[None]] = set()
+        try:
+            while not self._stopping:
+                self._wake.clear()  # before the claim: a schedule after it wakes the wait
+                members: list[bytes | str] = []
+                room = _CLAIM - len(inflight)
+                if room > 0:
+                    try:
+                        members = await self._claim(
+                            keys=[keyspace.PUSH_DUE], args=[_now_ms(), self._lease_ms, room]
+                        )
+                    except Exception as e:  # Redis away: try again at the next turn
+                        log.warning("push: claiming due pushes failed: %s", e)
+                for m in members:
+                    inflight.add(asyncio.create_task(self._push(_text(m))))
+                if members and len(inflight) < _CLAIM and not self._stopping:
+                    continue  # there may be more due
+                waits: set[asyncio.Future[Any]] = {asyncio.ensure_future(self._wake.wait())}
+                try:
+                    await asyncio.wait(
+                        inflight | waits,
+                        timeout=self.settings.interval_s,
+                        return_when=asyncio.FIRST_COMPLETED,
+                    )
+                finally:
+                    for w in waits:
+                        w.cancel()
+                inflight = {t for t in inflight if not t.done()}
+        finally:
+            # Stopped (shutdown): end the pushes in flight before the session closes. Their
+            # SETs keep their lease and are pushed again once it is over, or polled.
+            for t in inflight:
+                t.cancel()
+            await asyncio.gather(*inflight, return_exceptions=True)
 
     async def _push(self, member: str) -> None:
         """One attempt; never raises (a failure leaves the lease to expire: tried again)."""
@@ -114,18 +150,26 @@ class Pusher:
                 return
             status = await self._post(url, jws)
             if status is not None and 200 <= status < 300:
-                await self.sets.poll(client_id, limit=0, ack=[jti])  # delivered: acked
-                self.metrics.sets_pushed_total += 1
+                # Off the schedule first: if the ack below fails, the SET is polled again,
+                # never pushed again.
                 await self._done(member)
-            elif status is not None and status < 500:
-                # The TPP refused it: retrying will not help; it stays pollable.
+                self.metrics.sets_pushed_total += 1
+                await self.sets.poll(client_id, limit=0, ack=[jti])  # delivered: acked
+            elif status is not None and status not in _RETRIED and status < 500:
+                # The TPP refused it (a 4xx, or a redirect, which is not followed): retrying
+                # will not help; it stays pollable.
                 log.warning("push: %s answered %s for SET %s; not retried", client_id, status, jti)
                 self.metrics.sets_push_refused_total += 1
                 await self._done(member)
             else:
                 await self._retry_later(member, client_id, jti, status)
+        except asyncio.CancelledError:
+            raise
         except Exception:
             log.exception("push: SET %s of %s", jti, client_id)
+            # Counted as an attempt, so that a fault that persists ends at max_attempts.
+            with contextlib.suppress(Exception):
+                await self._retry_later(member, client_id, jti, None)
 
     async def _post(self, url: str, jws: bytes | str) -> int | None:
         """The callback's status, or None if it gave none (time-out, no connection)."""
@@ -142,6 +186,8 @@ class Pusher:
                 allow_redirects=False,  # the registered URL, nowhere else
             ) as r:
                 return r.status
+        except aiohttp.InvalidURL:
+            return 400  # an address no attempt can reach: refused, not retried
         except (aiohttp.ClientError, TimeoutError):
             return None
 
@@ -159,7 +205,7 @@ class Pusher:
             self.metrics.sets_push_abandoned_total += 1
             await self._done(member)
             return
-        wait_s = min(self.settings.backoff_s * 2 ** (tries - 1), self.settings.max_backoff_s)
+        wait_s = min(self.settings.backoff_s * 2 ** min(tries - 1, 30), self.settings.max_backoff_s)
         await self.redis.zadd(keyspace.PUSH_DUE, {member: _now_ms() + int(wait_s * 1000)})
         self.metrics.sets_push_retries_total += 1
 

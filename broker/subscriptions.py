@@ -1,8 +1,8 @@
 """OB event subscriptions (§5.8): at most one per TPP, and the EventTypes filter of its SETs.
 
 The subscription lives in one hash per client, beside its SETs (same hash tag), so the publish
-script can check it in the same atomic step as it queues SETs. `CallbackUrl` is stored and
-returned; push delivery to it is not implemented yet.
+script can check it in the same atomic step as it queues SETs. A `CallbackUrl` (https, ending
+with `<version>/event-notifications`) gets the client's SETs pushed to it (broker/push.py).
 """
 
 from __future__ import annotations
@@ -77,15 +77,8 @@ def parse_subscription(
         not isinstance(callback, str) or len(callback) > 2048 or not _URI.match(callback)
     ):
         raise bad("Data.CallbackUrl must be an http(s) URL", "Data.CallbackUrl")
-    if callback is not None and not allow_http and urlsplit(callback).scheme.lower() != "https":
-        # OB callbacks use TLS; a plain-http one would be stored and never pushed to.
-        raise bad("Data.CallbackUrl must be an https URL", "Data.CallbackUrl")
-    if callback is not None and not _CALLBACK_PATH.search(urlsplit(callback).path):
-        raise bad(
-            "Data.CallbackUrl must end with <version>/event-notifications, e.g."
-            " https://tpp.example/open-banking/v3.1/event-notifications",
-            "Data.CallbackUrl",
-        )
+    if callback is not None:
+        _check_callback(callback, allow_http)
     types: tuple[str, ...] | None = None
     if "EventTypes" in data:
         raw = data["EventTypes"]
@@ -105,6 +98,27 @@ def parse_subscription(
                 codes.append(code)
         types = tuple(codes)
     return SubscriptionInput(version=version, callback_url=callback, event_types=types)
+
+
+def _check_callback(callback: str, allow_http: bool) -> None:
+    try:
+        parts = urlsplit(callback)
+        port = parts.port  # raises on a port that is not a number in range
+    except ValueError:
+        raise bad("Data.CallbackUrl is not a valid URL", "Data.CallbackUrl") from None
+    if not allow_http and parts.scheme.lower() != "https":
+        # OB callbacks use TLS; a plain-http one would be stored and never pushed to.
+        raise bad("Data.CallbackUrl must be an https URL", "Data.CallbackUrl")
+    if not parts.hostname or parts.username is not None or parts.password is not None:
+        # No credentials in the URL: they would be sent along with every SET.
+        raise bad("Data.CallbackUrl must name a host, without user or password", "Data.CallbackUrl")
+    del port
+    if not _CALLBACK_PATH.search(parts.path):
+        raise bad(
+            "Data.CallbackUrl must end with <version>/event-notifications, e.g."
+            " https://tpp.example/open-banking/v3.1/event-notifications",
+            "Data.CallbackUrl",
+        )
 
 
 class SubscriptionStore:

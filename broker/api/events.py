@@ -54,7 +54,14 @@ async def ob_ctx(app: web.Application) -> AsyncIterator[None]:
         runner=store.runner,
     )
     app[subscriptions_key] = SubscriptionStore(redis)
-    pusher = Pusher(redis, app[sets_key], app[subscriptions_key], settings.push, app[metrics_key])
+    pusher = Pusher(
+        redis,
+        app[sets_key],
+        app[subscriptions_key],
+        settings.push,
+        app[metrics_key],
+        redis_timeout_s=settings.redis.socket_timeout_s,
+    )
     app[pusher_key] = pusher
     pusher.start()
     try:
@@ -104,6 +111,7 @@ async def publish_sets(request: web.Request) -> web.Response:
         try:
             await finish(request, lambda: app[pusher_key].schedule(client_id, queued))
         except Exception:
+            metrics.sets_push_unscheduled_total += len(queued)
             log.exception("push: scheduling %d SETs of %s failed", len(queued), client_id)
     if outcome.expired:
         _count_expired(request, client_id, outcome.expired)

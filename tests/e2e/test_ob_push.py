@@ -12,8 +12,7 @@ from typing import Any
 
 from aiohttp import web
 
-from broker import keyspace
-from broker.appkeys import metrics_key, sets_key
+from broker.appkeys import metrics_key, pusher_key
 from tests.ob_helpers import TPP, fetch_jwks, resource_update, verify_set
 
 PUSH = {"allow_http": True, "backoff_s": 0.2, "max_attempts": 3, "interval_s": 0.05}
@@ -43,7 +42,9 @@ class Callback:
 async def _setup(make_client: Any, aiohttp_server: Any, auth: Any, cb: Callback, **push: Any):
     app = web.Application()
     app.router.add_post("/open-banking/v3.1/event-notifications", cb.handle)
-    server = await aiohttp_server(app)
+    # A push cut off by the broker's shutdown can leave this server's handler waiting for
+    # the rest of a body; the default 60 s wait for it at teardown would stall the test.
+    server = await aiohttp_server(app, shutdown_timeout=1)
     client = await make_client(push={**PUSH, **push})
     a = TPP(client, auth, "tpp-a")
     await a.subscribe(CallbackUrl=str(server.make_url("/open-banking/v3.1/event-notifications")))
@@ -138,12 +139,35 @@ async def test_a_plain_http_callback_is_not_pushed_to_unless_allowed(
     assert strict.app[metrics_key].sets_push_refused_total == 1
 
 
-async def test_a_subscription_without_callback_is_never_pushed_for(client, auth):
+async def test_a_subscription_without_callback_is_never_pushed_for(make_client, auth):
+    client = await make_client(push=PUSH)
+    scheduled: list[tuple[str, list[str]]] = []
+
+    async def record(client_id: str, jtis: list[str]) -> None:
+        scheduled.append((client_id, list(jtis)))
+
+    client.app[pusher_key].schedule = record
     a = TPP(client, auth, "tpp-a")
     await a.subscribe()
     (jti,) = await a.publish(resource_update("r6"))
     sets, _more = await a.poll_ok({"returnImmediately": True})
     assert list(sets) == [jti]
-    # nothing was scheduled
-    assert await client.app[sets_key].redis.zcard(keyspace.PUSH_DUE) == 0
-    assert client.app[metrics_key].sets_pushed_total == 0
+    assert scheduled == []
+    b = TPP(client, auth, "tpp-b")  # the same, with a callback: scheduled (the spy works)
+    await b.subscribe(CallbackUrl="http://127.0.0.1:9/v3.1/event-notifications")
+    (jtb,) = await b.publish(resource_update("r6b"))
+    assert scheduled == [("tpp-b", [jtb])]
+
+
+async def test_a_429_is_retried(aiohttp_server, make_client, auth):
+    cb = Callback(429, 202)
+    client, a = await _setup(make_client, aiohttp_server, auth, cb)
+    await a.publish(resource_update("r7"))
+    await cb.until(2)
+    for _ in range(100):
+        sets, _more = await a.poll_ok({"returnImmediately": True})
+        if not sets:
+            break
+        await asyncio.sleep(0.02)
+    assert sets == {}
+    assert client.app[metrics_key].sets_push_refused_total == 0

@@ -67,6 +67,14 @@ async def test_52_second_subscription_of_a_tpp_is_409(client, auth):
             {"Version": "3.1", "CallbackUrl": "http://tpp.example/v3.1/event-notifications"},
             "UK.OBIE.Field.Invalid",
         ),
+        (
+            {"Version": "3.1", "CallbackUrl": "https://[zz/v3.1/event-notifications"},
+            "UK.OBIE.Field.Invalid",
+        ),
+        (
+            {"Version": "3.1", "CallbackUrl": "https://u:p@tpp.example/v3.1/event-notifications"},
+            "UK.OBIE.Field.Invalid",
+        ),
         # a real-time callback must end with <version>/event-notifications
         ({"Version": "3.1", "CallbackUrl": "https://evil.example/x"}, "UK.OBIE.Field.Invalid"),
         (

@@ -39,6 +39,16 @@ class Callback:
                 await self._arrived.wait()
 
 
+async def _pending_after_ack(a: TPP) -> dict[str, str]:
+    """What the TPP still has to poll once the push's ack has landed (it follows the 2xx)."""
+    for _ in range(100):
+        sets, _more = await a.poll_ok({"returnImmediately": True})
+        if not sets:
+            break
+        await asyncio.sleep(0.02)
+    return sets
+
+
 async def _setup(make_client: Any, aiohttp_server: Any, auth: Any, cb: Callback, **push: Any):
     app = web.Application()
     app.router.add_post("/open-banking/v3.1/event-notifications", cb.handle)
@@ -63,12 +73,7 @@ async def test_59_a_set_is_pushed_as_application_jwt_and_a_202_delivers_it(
     uuid.UUID(headers["x-fapi-interaction-id"])
     verify_set(await fetch_jwks(client), body, jti=jti, aud="tpp-a")
     # Delivered: acked, so a poll no longer returns it.
-    for _ in range(100):
-        sets, _more = await a.poll_ok({"returnImmediately": True})
-        if not sets:
-            break
-        await asyncio.sleep(0.02)
-    assert sets == {}
+    assert await _pending_after_ack(a) == {}
     await asyncio.sleep(0.5)
     assert len(cb.received) == 1  # pushed once
     assert client.app[metrics_key].sets_pushed_total == 1
@@ -85,12 +90,7 @@ async def test_59_a_5xx_is_retried_with_growing_intervals_until_a_202(
     assert b1 == b2 == b3  # the same SET each time
     # backoff_s 0.2, doubled: the second wait is longer than the first
     assert t2 - t1 >= 0.15 and t3 - t2 >= 0.35
-    for _ in range(100):
-        sets, _more = await a.poll_ok({"returnImmediately": True})
-        if not sets:
-            break
-        await asyncio.sleep(0.02)
-    assert sets == {}  # delivered at the third attempt
+    assert await _pending_after_ack(a) == {}  # delivered at the third attempt
     assert client.app[metrics_key].sets_push_retries_total == 2
 
 
@@ -164,10 +164,5 @@ async def test_a_429_is_retried(aiohttp_server, make_client, auth):
     client, a = await _setup(make_client, aiohttp_server, auth, cb)
     await a.publish(resource_update("r7"))
     await cb.until(2)
-    for _ in range(100):
-        sets, _more = await a.poll_ok({"returnImmediately": True})
-        if not sets:
-            break
-        await asyncio.sleep(0.02)
-    assert sets == {}
+    assert await _pending_after_ack(a) == {}
     assert client.app[metrics_key].sets_push_refused_total == 0

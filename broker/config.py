@@ -281,6 +281,10 @@ class PushSettings:
     interval_s: float = 1.0
     # OB callbacks are TLS only; plain http is for tests and development.
     allow_http: bool = False
+    # Callbacks may reach public (global unicast) addresses only, checked at connect time
+    # (broker/callbacks.py): not loopback, private, link-local (cloud metadata) or reserved
+    # ranges. Lift it for tests, or for TPPs reached over a private network.
+    allow_private_addresses: bool = False
     # Sent as x-fapi-financial-id when set (the 3.1.9 OAS requires it).
     financial_id: str = ""
 

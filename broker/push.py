@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 import aiohttp
 from redis.asyncio import Redis
 
-from broker import ids, keyspace
+from broker import callbacks, ids, keyspace
 from broker.config import PushSettings
 from broker.metrics import Metrics
 from broker.sets import SetStore
@@ -75,7 +75,10 @@ class Pusher:
 
     def start(self) -> None:
         if self.settings.enabled:
-            self._session = aiohttp.ClientSession()
+            resolver = (
+                None if self.settings.allow_private_addresses else callbacks.PublicOnlyResolver()
+            )
+            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(resolver=resolver))
             self._task = asyncio.create_task(self._run(), name="broker-push")
 
     async def aclose(self) -> None:
@@ -149,7 +152,11 @@ class Pusher:
                 await self._done(member)
                 return
             status = await self._post(url, jws)
-            if status is not None and 200 <= status < 300:
+            if isinstance(status, str):  # not sent: no attempt can reach this address
+                log.warning("push: %s's callback refused: %s; not pushed", client_id, status)
+                self.metrics.sets_push_refused_total += 1
+                await self._done(member)
+            elif status is not None and 200 <= status < 300:
                 # Off the schedule first: if the ack below fails, the SET is polled again,
                 # never pushed again.
                 await self._done(member)
@@ -171,8 +178,14 @@ class Pusher:
             with contextlib.suppress(Exception):
                 await self._retry_later(member, client_id, jti, None)
 
-    async def _post(self, url: str, jws: bytes | str) -> int | None:
-        """The callback's status, or None if it gave none (time-out, no connection)."""
+    async def _post(self, url: str, jws: bytes | str) -> int | str | None:
+        """The callback's status; None if it gave none (time-out, no connection); or why no
+        attempt can reach it (an invalid URL, an address the guard refuses)."""
+        if not self.settings.allow_private_addresses:
+            # aiohttp connects to an IP literal without asking the resolver: judged here.
+            ip = callbacks.literal(urlsplit(url).hostname or "")
+            if ip is not None and callbacks.forbidden(ip):
+                return f"{ip} is not a public address (push.allow_private_addresses)"
         headers = {"Content-Type": "application/jwt", "x-fapi-interaction-id": ids.uuid4()}
         if self.settings.financial_id:
             headers["x-fapi-financial-id"] = self.settings.financial_id
@@ -186,8 +199,12 @@ class Pusher:
                 allow_redirects=False,  # the registered URL, nowhere else
             ) as r:
                 return r.status
-        except aiohttp.InvalidURL:
-            return 400  # an address no attempt can reach: refused, not retried
+        except aiohttp.InvalidURL as e:
+            return f"invalid URL ({e})"
+        except aiohttp.ClientConnectorError as e:
+            if isinstance(e.os_error, callbacks.ForbiddenAddress):
+                return str(e.os_error.strerror)
+            return None
         except (aiohttp.ClientError, TimeoutError):
             return None
 

@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 
 from redis.asyncio import Redis
 
-from broker import keyspace, ob
+from broker import callbacks, keyspace, ob
 from broker.ob import bad
 from broker.store import guard
 
@@ -56,7 +56,11 @@ class SubscriptionInput:
 
 
 def parse_subscription(
-    body: Any, *, path_id: str | None = None, allow_http: bool = False
+    body: Any,
+    *,
+    path_id: str | None = None,
+    allow_http: bool = False,
+    allow_private: bool = False,
 ) -> SubscriptionInput:
     """Check an OBEventSubscription1 (POST) or OBEventSubscriptionResponse1 (PUT) body."""
     if not isinstance(body, dict) or not isinstance(body.get("Data"), dict):
@@ -78,7 +82,7 @@ def parse_subscription(
     ):
         raise bad("Data.CallbackUrl must be an http(s) URL", "Data.CallbackUrl")
     if callback is not None:
-        _check_callback(callback, allow_http)
+        _check_callback(callback, allow_http, allow_private)
     types: tuple[str, ...] | None = None
     if "EventTypes" in data:
         raw = data["EventTypes"]
@@ -100,7 +104,7 @@ def parse_subscription(
     return SubscriptionInput(version=version, callback_url=callback, event_types=types)
 
 
-def _check_callback(callback: str, allow_http: bool) -> None:
+def _check_callback(callback: str, allow_http: bool, allow_private: bool) -> None:
     try:
         parts = urlsplit(callback)
         port = parts.port  # raises on a port that is not a number in range
@@ -113,6 +117,10 @@ def _check_callback(callback: str, allow_http: bool) -> None:
         # No credentials in the URL: they would be sent along with every SET.
         raise bad("Data.CallbackUrl must name a host, without user or password", "Data.CallbackUrl")
     del port
+    ip = callbacks.literal(parts.hostname)
+    if not allow_private and ip is not None and callbacks.forbidden(ip):
+        # A host name is judged when a push resolves it (broker/callbacks.py).
+        raise bad(f"Data.CallbackUrl must reach a public address, not {ip}", "Data.CallbackUrl")
     if not _CALLBACK_PATH.search(parts.path):
         raise bad(
             "Data.CallbackUrl must end with <version>/event-notifications, e.g."

@@ -42,8 +42,11 @@ def _unknown(sub_id: str) -> InvalidRequest:
 @routes.post(PATH)
 async def create(request: web.Request) -> web.Response:
     client = _client(request)
+    push = request.app[settings_key].push
     new = parse_subscription(
-        await read_json(request), allow_http=request.app[settings_key].push.allow_http
+        await read_json(request),
+        allow_http=push.allow_http,
+        allow_private=push.allow_private_addresses,
     )
     store = request.app[subscriptions_key]
     sub = await finish(request, lambda: store.create(client, new))
@@ -71,10 +74,12 @@ async def list_all(request: web.Request) -> web.Response:
 async def change(request: web.Request) -> web.Response:
     client = _client(request)
     sub_id = request.match_info["sub_id"]
+    push = request.app[settings_key].push
     new = parse_subscription(
         await read_json(request),
         path_id=sub_id,
-        allow_http=request.app[settings_key].push.allow_http,
+        allow_http=push.allow_http,
+        allow_private=push.allow_private_addresses,
     )
     store = request.app[subscriptions_key]
     if not await finish(request, lambda: store.update(client, sub_id, new)):

@@ -15,7 +15,14 @@ from aiohttp import web
 from broker.appkeys import metrics_key, pusher_key
 from tests.ob_helpers import TPP, fetch_jwks, resource_update, verify_set
 
-PUSH = {"allow_http": True, "backoff_s": 0.2, "max_attempts": 3, "interval_s": 0.05}
+# The TPP's endpoint listens on loopback: the address guard is lifted, except where tested.
+PUSH = {
+    "allow_http": True,
+    "allow_private_addresses": True,
+    "backoff_s": 0.2,
+    "max_attempts": 3,
+    "interval_s": 0.05,
+}
 
 
 class Callback:
@@ -137,6 +144,47 @@ async def test_a_plain_http_callback_is_not_pushed_to_unless_allowed(
     sets, _more = await b.poll_ok({"returnImmediately": True})
     assert list(sets) == [jti]
     assert strict.app[metrics_key].sets_push_refused_total == 1
+
+
+async def test_a_callback_on_a_private_address_is_not_pushed_to_by_default(
+    aiohttp_server, make_client, auth
+):
+    # Registered while the guard was lifted, then pushed by a broker with the default: the IP
+    # literal is judged before the POST (aiohttp does not resolve a literal).
+    cb = Callback(202)
+    await _setup(make_client, aiohttp_server, auth, cb, enabled=False)
+    strict = await make_client(push={**PUSH, "allow_private_addresses": False})
+    b = TPP(strict, auth, "tpp-a")
+    (jti,) = await b.publish(resource_update("r6"))
+    await asyncio.sleep(0.6)
+    assert cb.received == []
+    sets, _more = await b.poll_ok({"returnImmediately": True})
+    assert list(sets) == [jti]  # still pollable
+    assert strict.app[metrics_key].sets_push_refused_total == 1
+    assert strict.app[metrics_key].sets_push_retries_total == 0  # refused, not retried
+
+
+async def test_a_host_name_that_resolves_to_loopback_is_refused_at_connect_time(
+    aiohttp_server, make_client, auth
+):
+    # A name passes the subscription check; the push session's resolver refuses the address
+    # it resolves to, so no request leaves (the check is on the address connected to).
+    cb = Callback(202)
+    app = web.Application()
+    app.router.add_post("/open-banking/v3.1/event-notifications", cb.handle)
+    server = await aiohttp_server(app, shutdown_timeout=1)
+    client = await make_client(push={**PUSH, "allow_private_addresses": False})
+    a = TPP(client, auth, "tpp-a")
+    await a.subscribe(
+        CallbackUrl=f"http://localhost:{server.port}/open-banking/v3.1/event-notifications"
+    )
+    (jti,) = await a.publish(resource_update("r7"))
+    await asyncio.sleep(0.6)
+    assert cb.received == []
+    sets, _more = await a.poll_ok({"returnImmediately": True})
+    assert list(sets) == [jti]
+    assert client.app[metrics_key].sets_push_refused_total == 1
+    assert client.app[metrics_key].sets_push_retries_total == 0
 
 
 async def test_a_subscription_without_callback_is_never_pushed_for(make_client, auth):

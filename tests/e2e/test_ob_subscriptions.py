@@ -75,6 +75,15 @@ async def test_52_second_subscription_of_a_tpp_is_409(client, auth):
             {"Version": "3.1", "CallbackUrl": "https://u:p@tpp.example/v3.1/event-notifications"},
             "UK.OBIE.Field.Invalid",
         ),
+        # only public addresses (push.allow_private_addresses is off by default): cloud
+        # metadata, loopback, a private range hidden in an IPv4-mapped IPv6 address
+        *(
+            (
+                {"Version": "3.1", "CallbackUrl": f"https://{host}/v3.1/event-notifications"},
+                "UK.OBIE.Field.Invalid",
+            )
+            for host in ("169.254.169.254", "127.0.0.1:8443", "[::1]", "[::ffff:10.0.0.7]")
+        ),
         # a real-time callback must end with <version>/event-notifications
         ({"Version": "3.1", "CallbackUrl": "https://evil.example/x"}, "UK.OBIE.Field.Invalid"),
         (

@@ -192,6 +192,15 @@ def _transport_note(results: dict[str, Any]) -> list[str]:
     ]
 
 
+def _placement(placement: dict[str, list[int]] | None) -> str:
+    if not placement:
+        return ", placed by the kernel"
+    return (
+        f": each server under test on CPU {', '.join(map(str, placement['servers']))}, Redis and"
+        f" the load generator on CPU {', '.join(map(str, placement['others']))}"
+    )
+
+
 def markdown(results: dict[str, Any]) -> str:
     p = results["params"]
     m = results.get("machine", {})
@@ -202,7 +211,9 @@ def markdown(results: dict[str, Any]) -> str:
         f"Python {m.get('python')}, aiohttp {m.get('aiohttp')}, uvloop {m.get('uvloop', '-')}, "
         f"{m.get('redis_server', 'Redis ?')}"
         + (f", nginx {m['nginx']} + nchan {m['nchan']}" if m.get("nginx") else "")
-        + ". Load generator, servers and Redis share the machine."
+        + ". Load generator, servers and Redis share the machine"
+        + _placement(results.get("cpu_placement"))
+        + "."
         + _stolen(m.get("steal_pct")),
         "",
         f"Broker: commit {results.get('broker_commit', '?')}{_process(results)}.",

@@ -31,7 +31,16 @@ from bench.loadgen import Issuer, Spec
 from bench.longpoll import later_waves, long_poll_scenario
 from bench.params import FULL, QUICK
 from bench.progress import say
-from bench.servers import REPO, Baseline, Broker, Nchan, Server, ensure_tools
+from bench.servers import (
+    REPO,
+    Baseline,
+    Broker,
+    Nchan,
+    Server,
+    ensure_tools,
+    pin_servers,
+    plan_cpus,
+)
 from bench.throughput import (
     ReqSpec,
     Throughput,
@@ -127,6 +136,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="after the first wave, one more wave per publish rate (events/s, comma-separated,"
         " e.g. 250,500,1500) on the same server process: where does one worker saturate?",
     )
+    parser.add_argument(
+        "--no-pin",
+        action="store_true",
+        help="let the kernel place every process (default: the server under test on the first"
+        " CPU, Redis and the load generator on the others)",
+    )
     parser.add_argument("--out", default=str(RESULTS), help="results directory")
     parser.add_argument(
         "--broker-ref",
@@ -219,6 +234,11 @@ def main(argv: list[str] | None = None) -> int:
         targets.remove("nchan")
     if tools["wrk"]:
         notes.append(f"wrk unavailable ({tools['wrk']}): throughput measured by a Python client.")
+    placement = plan_cpus(not args.no_pin)
+    if placement is not None:
+        # The runner first: Redis, the load generator's processes and wrk inherit its CPUs.
+        os.sched_setaffinity(0, placement[1])
+        pin_servers(placement[0])
 
     results: dict[str, Any] = {
         "date": stamp.isoformat(timespec="seconds"),
@@ -226,6 +246,11 @@ def main(argv: list[str] | None = None) -> int:
         "params": asdict(p),
         "broker_commit": commit + (" + uncommitted changes" if dirty else ""),
         "broker_env": extra_env,
+        "cpu_placement": (
+            {"servers": sorted(placement[0]), "others": sorted(placement[1])}
+            if placement is not None
+            else None
+        ),
         "notes": notes,
         "long_poll": {},
         "throughput": {},

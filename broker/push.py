@@ -17,6 +17,7 @@ pushes in hand only delays them.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
@@ -36,6 +37,8 @@ from broker.subscriptions import SubscriptionStore
 log = logging.getLogger(__name__)
 
 _CLAIM = 32  # pushes one worker has in flight at most
+_PER_TPP = 4  # of which to one TPP at most (push_claim.lua): a hanging endpoint holds 4 slots
+_SCAN = 1000  # due members one claim looks at, at most, for those of TPPs below their cap
 # Statuses below 500 that still mean "try again later": a time-out, too many requests.
 _RETRIED = frozenset({408, 429})
 
@@ -97,23 +100,40 @@ class Pusher:
                 await self._session.close()
 
     async def _run(self) -> None:
-        """Keep up to _CLAIM pushes in flight, claiming more as each one ends: a callback
-        that hangs holds one slot for push.timeout_s, not every other TPP's pushes."""
+        """Keep up to _CLAIM pushes in flight, claiming more as each one ends, and at most
+        _PER_TPP of them to one TPP: an endpoint that hangs, with any number of SETs due,
+        holds _PER_TPP slots for push.timeout_s, not every other TPP's pushes."""
         inflight: set[asyncio.Task[None]] = set()
+        busy: collections.Counter[str] = collections.Counter()  # pushes in flight per TPP
+
+        def start(member: str) -> None:
+            client_id = member.rpartition("\n")[0]
+            busy[client_id] += 1
+            task = asyncio.create_task(self._push(member))
+            inflight.add(task)
+
+            def ended(_t: asyncio.Task[None]) -> None:
+                busy[client_id] -= 1
+                if busy[client_id] <= 0:
+                    del busy[client_id]
+
+            task.add_done_callback(ended)
+
         try:
             while not self._stopping:
                 self._wake.clear()  # before the claim: a schedule after it wakes the wait
                 members: list[bytes | str] = []
                 room = _CLAIM - len(inflight)
                 if room > 0:
+                    args: list[str | int] = [_now_ms(), self._lease_ms, room, _PER_TPP, _SCAN]
+                    for client_id, n in busy.items():
+                        args += [client_id, n]
                     try:
-                        members = await self._claim(
-                            keys=[keyspace.PUSH_DUE], args=[_now_ms(), self._lease_ms, room]
-                        )
+                        members = await self._claim(keys=[keyspace.PUSH_DUE], args=args)
                     except Exception as e:  # Redis away: try again at the next turn
                         log.warning("push: claiming due pushes failed: %s", e)
                 for m in members:
-                    inflight.add(asyncio.create_task(self._push(_text(m))))
+                    start(_text(m))
                 if members and len(inflight) < _CLAIM and not self._stopping:
                     continue  # there may be more due
                 waits: set[asyncio.Future[Any]] = {asyncio.ensure_future(self._wake.wait())}

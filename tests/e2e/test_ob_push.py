@@ -187,6 +187,54 @@ async def test_a_host_name_that_resolves_to_loopback_is_refused_at_connect_time(
     assert client.app[metrics_key].sets_push_retries_total == 0
 
 
+async def test_a_hanging_endpoint_holds_a_few_slots_and_other_tpps_are_still_pushed_to(
+    aiohttp_server, make_client, auth
+):
+    # TPP A's endpoint never answers and has 40 SETs due: without a cap per TPP they would
+    # take all 32 of the worker's slots for push.timeout_s, and B's push would wait for them.
+    release = asyncio.Event()
+    in_flight = 0
+    most = 0
+
+    async def hang(request: web.Request) -> web.Response:
+        nonlocal in_flight, most
+        in_flight += 1
+        most = max(most, in_flight)
+        try:
+            await release.wait()
+        finally:
+            in_flight -= 1
+        return web.Response(status=202)
+
+    slow = web.Application()
+    slow.router.add_post("/open-banking/v3.1/event-notifications", hang)
+    slow_server = await aiohttp_server(slow, shutdown_timeout=1)
+    cb = Callback(202)
+    fast = web.Application()
+    fast.router.add_post("/open-banking/v3.1/event-notifications", cb.handle)
+    fast_server = await aiohttp_server(fast, shutdown_timeout=1)
+    client = await make_client(push={**PUSH, "timeout_s": 5})
+    a, b = TPP(client, auth, "tpp-a"), TPP(client, auth, "tpp-b")
+    path = "/open-banking/v3.1/event-notifications"
+    await a.subscribe(CallbackUrl=str(slow_server.make_url(path)))
+    await b.subscribe(CallbackUrl=str(fast_server.make_url(path)))
+    await a.publish(*(resource_update(f"a{i}") for i in range(40)))
+    for _ in range(100):  # A's pushes have started and hang
+        if in_flight:
+            break
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.3)
+    t0 = time.monotonic()
+    (jti,) = await b.publish(resource_update("b1"))
+    await cb.until(1)
+    assert time.monotonic() - t0 < 2  # not after A's 5 s time-outs
+    assert most == in_flight == 4  # A holds 4 of the worker's slots, no more
+    release.set()
+    assert await _pending_after_ack(b) == {}
+    sets, _more = await b.poll_ok({"returnImmediately": True})
+    assert jti not in sets
+
+
 async def test_a_subscription_without_callback_is_never_pushed_for(make_client, auth):
     client = await make_client(push=PUSH)
     scheduled: list[tuple[str, list[str]]] = []

@@ -63,7 +63,8 @@ def pin_servers(cpus: set[int] | None) -> None:
 
 def _in_child() -> None:  # runs in the child before exec: placement, fd limit
     if _server_cpus is not None:
-        os.sched_setaffinity(0, _server_cpus)  # inherited by its workers and threads
+        with contextlib.suppress(OSError):  # a CPU set refused: the server runs unplaced
+            os.sched_setaffinity(0, _server_cpus)  # inherited by its workers and threads
     with contextlib.suppress(ValueError, OSError):
         resource.setrlimit(resource.RLIMIT_NOFILE, (65536, 65536))
     with contextlib.suppress(ValueError, OSError):

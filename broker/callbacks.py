@@ -4,8 +4,13 @@ A CallbackUrl is chosen by a TPP, and the broker POSTs to it from inside the ban
 Unguarded, a TPP could aim the pushes at a cloud metadata service (169.254.169.254), the
 broker's own Redis, or an admin port on the LAN, and learn from the retries which answered.
 So by default a callback may reach only global (public) unicast addresses:
+- the host is judged as aiohttp will connect to it: yarl's form of it, which maps Unicode
+  and IDNA spellings (127.0.0.1 in full-width digits, or with ideographic full stops) onto
+  ASCII. urllib's own parse keeps them as they are, and would take such a loopback literal
+  for a host name;
 - an IP literal is refused when the subscription is written (a clear 400), and again before
-  each push (it may have been written while the guard was off);
+  each push (it may have been written while the guard was off); so is a legacy numeric form
+  ("127.1", "2130706433"), which aiohttp would refuse anyway;
 - a host name is checked each time the push session resolves it, by the resolver that session
   connects with, so the address checked is the address connected to: no window between the
   check and the connection for a DNS answer to change in (DNS rebinding).
@@ -18,6 +23,7 @@ import errno
 import ipaddress
 import socket
 
+import yarl
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
 
@@ -36,16 +42,66 @@ def literal(host: str) -> _IP | None:
         return None
 
 
+# IPv6 ranges refused whatever Python's is_global says of them (its answer for some ranges
+# changed between patch releases): IPv4-compatible (deprecated, leads to an IPv4 address),
+# site-local (deprecated, private), and the NAT64 prefix for local use.
+_V6_REFUSED = tuple(ipaddress.IPv6Network(n) for n in ("::/96", "fec0::/10", "64:ff9b:1::/48"))
+# The well-known NAT64 prefix: the address it leads to is its last 32 bits. In an IPv6-only
+# network with DNS64, a name whose A record is 10.0.0.5 resolves to 64:ff9b::a00:5.
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+
+
 def forbidden(address: _IP) -> bool:
     """True for any address that is not a global unicast one."""
     if isinstance(address, ipaddress.IPv6Address):
-        # ::ffff:127.0.0.1 reaches 127.0.0.1, and 6to4 / Teredo tunnel to an IPv4 address:
+        # ::ffff:127.0.0.1 reaches 127.0.0.1; 6to4, Teredo and NAT64 lead to an IPv4 address:
         # judge the address they lead to (Python versions disagree on the wrappers' own
         # is_global).
+        if address in _NAT64:
+            return forbidden(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
         inner = address.ipv4_mapped or address.sixtofour or (address.teredo or (None, None))[1]
         if inner is not None:
             return forbidden(inner)
-    return not address.is_global or address.is_multicast
+        if any(address in n for n in _V6_REFUSED) or address.is_site_local:
+            return True
+    return (
+        not address.is_global
+        or address.is_multicast
+        or address.is_private
+        or address.is_loopback
+        or address.is_link_local
+        or address.is_reserved
+        or address.is_unspecified
+    )
+
+
+def connect_host(url: str) -> str:
+    """The host aiohttp connects to for this URL (yarl's ASCII form of it), "" if none."""
+    try:
+        return yarl.URL(url).raw_host or ""
+    except (ValueError, TypeError):
+        return ""
+
+
+def refusal(url: str) -> str | None:
+    """Why no push may go to this URL, judged on its host alone; None for a public literal or
+    a host name (a name is judged on what it resolves to, by PublicOnlyResolver)."""
+    host = connect_host(url)
+    ip = literal(host)
+    if ip is not None:
+        return f"{ip} is not a public address" if forbidden(ip) else None
+    if _legacy_ipv4(host):
+        return f"{host!r} is not an IP address in canonical form"
+    return None
+
+
+def _legacy_ipv4(host: str) -> bool:
+    """A numeric form the C library reads as an IPv4 address ("127.1", "0x7f.1", "2130706433")."""
+    try:
+        socket.inet_aton(host)
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 class PublicOnlyResolver(AbstractResolver):

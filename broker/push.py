@@ -67,6 +67,8 @@ class Pusher:
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
+        # Ours to close: a connector does not close a resolver it was given.
+        self._resolver: callbacks.PublicOnlyResolver | None = None
 
     async def schedule(self, client_id: str, jtis: Sequence[str]) -> None:
         """Make these SETs due for a push now (the client's subscription has a callback)."""
@@ -78,10 +80,10 @@ class Pusher:
 
     def start(self) -> None:
         if self.settings.enabled:
-            resolver = (
-                None if self.settings.allow_private_addresses else callbacks.PublicOnlyResolver()
-            )
-            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(resolver=resolver))
+            if not self.settings.allow_private_addresses:
+                self._resolver = callbacks.PublicOnlyResolver()
+            connector = aiohttp.TCPConnector(resolver=self._resolver)
+            self._session = aiohttp.ClientSession(connector=connector)
             self._task = asyncio.create_task(self._run(), name="broker-push")
 
     async def aclose(self) -> None:
@@ -98,6 +100,8 @@ class Pusher:
         finally:
             if self._session is not None:
                 await self._session.close()
+            if self._resolver is not None:
+                await self._resolver.close()
 
     async def _run(self) -> None:
         """Keep up to _CLAIM pushes in flight, claiming more as each one ends, and at most
@@ -203,9 +207,9 @@ class Pusher:
         attempt can reach it (an invalid URL, an address the guard refuses)."""
         if not self.settings.allow_private_addresses:
             # aiohttp connects to an IP literal without asking the resolver: judged here.
-            ip = callbacks.literal(urlsplit(url).hostname or "")
-            if ip is not None and callbacks.forbidden(ip):
-                return f"{ip} is not a public address (push.allow_private_addresses)"
+            reason = callbacks.refusal(url)
+            if reason is not None:
+                return f"{reason} (push.allow_private_addresses)"
         headers = {"Content-Type": "application/jwt", "x-fapi-interaction-id": ids.uuid4()}
         if self.settings.financial_id:
             headers["x-fapi-financial-id"] = self.settings.financial_id

@@ -117,10 +117,10 @@ def _check_callback(callback: str, allow_http: bool, allow_private: bool) -> Non
         # No credentials in the URL: they would be sent along with every SET.
         raise bad("Data.CallbackUrl must name a host, without user or password", "Data.CallbackUrl")
     del port
-    ip = callbacks.literal(parts.hostname)
-    if not allow_private and ip is not None and callbacks.forbidden(ip):
+    refused = None if allow_private else callbacks.refusal(callback)
+    if refused is not None:
         # A host name is judged when a push resolves it (broker/callbacks.py).
-        raise bad(f"Data.CallbackUrl must reach a public address, not {ip}", "Data.CallbackUrl")
+        raise bad(f"Data.CallbackUrl must reach a public address: {refused}", "Data.CallbackUrl")
     if not _CALLBACK_PATH.search(parts.path):
         raise bad(
             "Data.CallbackUrl must end with <version>/event-notifications, e.g."

@@ -164,6 +164,37 @@ async def test_a_callback_on_a_private_address_is_not_pushed_to_by_default(
     assert strict.app[metrics_key].sets_push_retries_total == 0  # refused, not retried
 
 
+async def test_loopback_spelt_in_full_width_digits_is_not_pushed_to(
+    aiohttp_server, make_client, auth
+):
+    # yarl, and so aiohttp, reads the host as 127.0.0.1 and connects to it without asking a
+    # resolver; urllib's parse does not, and would have let it through as a host name.
+    cb = Callback(202)
+    app = web.Application()
+    app.router.add_post("/open-banking/v3.1/event-notifications", cb.handle)
+    server = await aiohttp_server(app, shutdown_timeout=1)
+    wide = "\uff11\uff12\uff17.\uff10.\uff10.\uff11"  # 127.0.0.1, full width
+    url = f"http://{wide}:{server.port}/open-banking/v3.1/event-notifications"
+    lax = await make_client(push={**PUSH, "enabled": False})
+    a = TPP(lax, auth, "tpp-a")
+    await a.subscribe(CallbackUrl=url)  # written while the guard was off
+    strict = await make_client(push={**PUSH, "allow_private_addresses": False})
+    b = TPP(strict, auth, "tpp-a")
+    (jti,) = await b.publish(resource_update("r8"))
+    await asyncio.sleep(0.6)
+    assert cb.received == []
+    sets, _more = await b.poll_ok({"returnImmediately": True})
+    assert list(sets) == [jti]
+    assert strict.app[metrics_key].sets_push_refused_total == 1
+    # The guarded broker does not take it at all.
+    c = TPP(strict, auth, "tpp-c")
+    r = await c.ob(
+        "POST", "/event-subscriptions", json={"Data": {"Version": "3.1", "CallbackUrl": url}}
+    )
+    assert r.status == 400
+    assert "127.0.0.1 is not a public address" in r.body.decode()
+
+
 async def test_a_host_name_that_resolves_to_loopback_is_refused_at_connect_time(
     aiohttp_server, make_client, auth
 ):

@@ -82,7 +82,14 @@ async def test_52_second_subscription_of_a_tpp_is_409(client, auth):
                 {"Version": "3.1", "CallbackUrl": f"https://{host}/v3.1/event-notifications"},
                 "UK.OBIE.Field.Invalid",
             )
-            for host in ("169.254.169.254", "127.0.0.1:8443", "[::1]", "[::ffff:10.0.0.7]")
+            for host in (
+                "169.254.169.254",
+                "127.0.0.1:8443",
+                "[::1]",
+                "[::ffff:10.0.0.7]",
+                "[64:ff9b::a00:7]",  # NAT64 to 10.0.0.7
+                "127.1",  # a legacy form of 127.0.0.1
+            )
         ),
         # a real-time callback must end with <version>/event-notifications
         ({"Version": "3.1", "CallbackUrl": "https://evil.example/x"}, "UK.OBIE.Field.Invalid"),

@@ -32,6 +32,13 @@ from broker import callbacks
         ("::ffff:93.184.215.14", False),  # judged by the IPv4 address it leads to
         ("2002:7f00:1::", True),  # 6to4 wrapping 127.0.0.1
         ("2002:5db8:d70e::", False),  # 6to4 wrapping 93.184.215.14
+        ("64:ff9b::a00:5", True),  # NAT64 (DNS64's answer for 10.0.0.5)
+        ("64:ff9b::a9fe:a9fe", True),  # NAT64 to the metadata service
+        ("64:ff9b::5db8:d70e", False),  # NAT64 to a public address
+        ("64:ff9b:1::5db8:d70e", True),  # the local-use NAT64 prefix
+        ("::7f00:1", True),  # IPv4-compatible (deprecated)
+        ("fec0::1", True),  # site-local (deprecated)
+        ("2001:0:4136:e378:8000:63bf:80ff:fffe", True),  # Teredo to 127.0.0.1
     ],
 )
 def test_forbidden(host: str, refused: bool) -> None:
@@ -42,9 +49,36 @@ def test_forbidden(host: str, refused: bool) -> None:
 
 @pytest.mark.parametrize("host", ["tpp.example", "localhost", "", "127.1", "0x7f000001"])
 def test_names_and_legacy_forms_are_not_literals(host: str) -> None:
-    # These go to the resolver (getaddrinfo maps 127.1 onto 127.0.0.1), which judges what
-    # they resolve to.
     assert callbacks.literal(host) is None
+
+
+@pytest.mark.parametrize(
+    ("url", "refused"),
+    [
+        ("https://tpp.example/v3.1/event-notifications", None),  # a name: judged when resolved
+        ("https://93.184.215.14/v3.1/event-notifications", None),
+        ("https://127.0.0.1/v3.1/event-notifications", "127.0.0.1 is not a public address"),
+        # Spellings yarl (and so aiohttp) maps onto 127.0.0.1 and 169.254.169.254, which
+        # urllib leaves as they are: full-width digits, ideographic full stops.
+        ("https://\uff11\uff12\uff17.\uff10.\uff10.\uff11/x", "127.0.0.1 is not a public"),
+        ("https://127\u30020\u30020\u30021/x", "127.0.0.1 is not a public"),
+        (
+            "https://\uff11\uff16\uff19.\uff12\uff15\uff14.\uff11\uff16\uff19.\uff12\uff15\uff14/x",
+            "169.254.169.254 is not a public",
+        ),
+        ("https://[::ffff:7f00:1]/x", "::ffff:7f00:1 is not a public address"),
+        # Legacy numeric forms the C library reads as 127.0.0.1
+        ("https://127.1/x", "not an IP address in canonical form"),
+        ("https://2130706433/x", "not an IP address in canonical form"),
+        ("https://0x7f.1/x", "not an IP address in canonical form"),
+    ],
+)
+def test_a_callback_is_judged_on_the_host_aiohttp_connects_to(url: str, refused: str | None):
+    reason = callbacks.refusal(url)
+    if refused is None:
+        assert reason is None
+    else:
+        assert reason is not None and refused in reason
 
 
 class _Fixed(AbstractResolver):

@@ -86,6 +86,29 @@ class Pusher:
             self._session = aiohttp.ClientSession(connector=connector)
             self._task = asyncio.create_task(self._run(), name="broker-push")
 
+    async def gauges(self) -> dict[str, float]:
+        """The schedule as every worker sees it (it is shared): SETs waiting for a push (due,
+        in flight, or waiting out a backoff), those due and not yet taken, and how long the
+        oldest of those has waited past its time: a backlog an operator can alert on. Empty if
+        Redis does not answer: a scrape is not failed for it."""
+        now = _now_ms()
+        try:
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.zcard(keyspace.PUSH_DUE)
+            pipe.zcount(keyspace.PUSH_DUE, "-inf", now)
+            pipe.zrange(keyspace.PUSH_DUE, 0, 0, withscores=True)
+            async with asyncio.timeout(2):
+                scheduled, due, first = await pipe.execute()
+        except Exception as e:
+            log.debug("push: reading the schedule for /metrics failed: %s", e)
+            return {}
+        oldest = max(0.0, (now - first[0][1]) / 1000) if first and due else 0.0
+        return {
+            "push_scheduled": int(scheduled),
+            "push_due": int(due),
+            "push_oldest_due_seconds": round(oldest, 3),
+        }
+
     async def aclose(self) -> None:
         try:
             if self._task is not None:

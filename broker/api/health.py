@@ -14,6 +14,7 @@ from broker.appkeys import (
     looplag_key,
     metrics_key,
     persistence_key,
+    pusher_key,
     store_key,
 )
 
@@ -47,6 +48,7 @@ async def readyz(request: web.Request) -> web.Response:
 @routes.get("/metrics")
 async def metrics(request: web.Request) -> web.Response:
     hub = request.app[hub_key]
+    push = await request.app[pusher_key].gauges() if pusher_key in request.app else {}
     # Which allocator and event loop this worker really runs on (config can be overridden).
     loop = type(asyncio.get_running_loop()).__module__.partition(".")[0]
     labels = f'version="{__version__}",allocator="{allocator.current()}",loop="{loop}"'
@@ -59,6 +61,7 @@ async def metrics(request: web.Request) -> web.Response:
             **request.app[gcstats_key].gauges(),
             **request.app[looplag_key].gauges(),
             **request.app[persistence_key].gauge(),
+            **push,
         },
         process.gauges(),
     )

@@ -266,6 +266,51 @@ async def test_a_hanging_endpoint_holds_a_few_slots_and_other_tpps_are_still_pus
     assert jti not in sets
 
 
+async def test_metrics_show_the_push_backlog(aiohttp_server, make_client, auth):
+    release = asyncio.Event()
+
+    async def hang(request: web.Request) -> web.Response:
+        await release.wait()
+        return web.Response(status=202)
+
+    app = web.Application()
+    app.router.add_post("/open-banking/v3.1/event-notifications", hang)
+    server = await aiohttp_server(app, shutdown_timeout=1)
+    client = await make_client(push={**PUSH, "timeout_s": 5})
+    a = TPP(client, auth, "tpp-a")
+    await a.subscribe(CallbackUrl=str(server.make_url("/open-banking/v3.1/event-notifications")))
+
+    async def gauges() -> dict[str, float]:
+        text = await (await client.get("/metrics")).text()
+        return {
+            name: float(value)
+            for name, _, value in (line.partition(" ") for line in text.splitlines())
+            if name.startswith("broker_push_")
+        }
+
+    assert await gauges() == {
+        "broker_push_scheduled": 0,
+        "broker_push_due": 0,
+        "broker_push_oldest_due_seconds": 0,
+    }
+    await a.publish(*(resource_update(f"m{i}") for i in range(6)))
+    await asyncio.sleep(0.5)
+    # Four in flight to the hanging endpoint (leased), two due and waiting for a slot.
+    g = await gauges()
+    assert g["broker_push_scheduled"] == 6 and g["broker_push_due"] == 2
+    assert 0.4 <= g["broker_push_oldest_due_seconds"] < 5
+    release.set()
+    for _ in range(100):
+        if (await gauges())["broker_push_scheduled"] == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert await gauges() == {
+        "broker_push_scheduled": 0,
+        "broker_push_due": 0,
+        "broker_push_oldest_due_seconds": 0,
+    }
+
+
 async def test_a_subscription_without_callback_is_never_pushed_for(make_client, auth):
     client = await make_client(push=PUSH)
     scheduled: list[tuple[str, list[str]]] = []

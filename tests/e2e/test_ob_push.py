@@ -56,6 +56,19 @@ async def _pending_after_ack(a: TPP) -> dict[str, str]:
     return sets
 
 
+async def _refused_and_pollable(tpp: TPP, cb: Callback, rid: str) -> None:
+    """A SET published for a callback the broker must refuse: nothing reaches the callback,
+    the refusal is counted once and not retried, and the SET stays pollable."""
+    (jti,) = await tpp.publish(resource_update(rid))
+    await asyncio.sleep(0.6)
+    assert cb.received == []
+    sets, _more = await tpp.poll_ok({"returnImmediately": True})
+    assert list(sets) == [jti]
+    metrics = tpp.client.app[metrics_key]
+    assert metrics.sets_push_refused_total == 1
+    assert metrics.sets_push_retries_total == 0
+
+
 async def _setup(make_client: Any, aiohttp_server: Any, auth: Any, cb: Callback, **push: Any):
     app = web.Application()
     app.router.add_post("/open-banking/v3.1/event-notifications", cb.handle)
@@ -137,13 +150,7 @@ async def test_a_plain_http_callback_is_not_pushed_to_unless_allowed(
     cb = Callback(202)
     await _setup(make_client, aiohttp_server, auth, cb, enabled=False)
     strict = await make_client(push={**PUSH, "allow_http": False})
-    b = TPP(strict, auth, "tpp-a")
-    (jti,) = await b.publish(resource_update("r5"))
-    await asyncio.sleep(0.6)
-    assert cb.received == []  # OB callbacks are TLS only
-    sets, _more = await b.poll_ok({"returnImmediately": True})
-    assert list(sets) == [jti]
-    assert strict.app[metrics_key].sets_push_refused_total == 1
+    await _refused_and_pollable(TPP(strict, auth, "tpp-a"), cb, "r5")  # OB callbacks are TLS
 
 
 async def test_a_callback_on_a_private_address_is_not_pushed_to_by_default(
@@ -154,14 +161,7 @@ async def test_a_callback_on_a_private_address_is_not_pushed_to_by_default(
     cb = Callback(202)
     await _setup(make_client, aiohttp_server, auth, cb, enabled=False)
     strict = await make_client(push={**PUSH, "allow_private_addresses": False})
-    b = TPP(strict, auth, "tpp-a")
-    (jti,) = await b.publish(resource_update("r6"))
-    await asyncio.sleep(0.6)
-    assert cb.received == []
-    sets, _more = await b.poll_ok({"returnImmediately": True})
-    assert list(sets) == [jti]  # still pollable
-    assert strict.app[metrics_key].sets_push_refused_total == 1
-    assert strict.app[metrics_key].sets_push_retries_total == 0  # refused, not retried
+    await _refused_and_pollable(TPP(strict, auth, "tpp-a"), cb, "r6")
 
 
 async def test_loopback_spelt_in_full_width_digits_is_not_pushed_to(
@@ -179,13 +179,7 @@ async def test_loopback_spelt_in_full_width_digits_is_not_pushed_to(
     a = TPP(lax, auth, "tpp-a")
     await a.subscribe(CallbackUrl=url)  # written while the guard was off
     strict = await make_client(push={**PUSH, "allow_private_addresses": False})
-    b = TPP(strict, auth, "tpp-a")
-    (jti,) = await b.publish(resource_update("r8"))
-    await asyncio.sleep(0.6)
-    assert cb.received == []
-    sets, _more = await b.poll_ok({"returnImmediately": True})
-    assert list(sets) == [jti]
-    assert strict.app[metrics_key].sets_push_refused_total == 1
+    await _refused_and_pollable(TPP(strict, auth, "tpp-a"), cb, "r8")
     # The guarded broker does not take it at all.
     c = TPP(strict, auth, "tpp-c")
     r = await c.ob(
@@ -209,13 +203,7 @@ async def test_a_host_name_that_resolves_to_loopback_is_refused_at_connect_time(
     await a.subscribe(
         CallbackUrl=f"http://localhost:{server.port}/open-banking/v3.1/event-notifications"
     )
-    (jti,) = await a.publish(resource_update("r7"))
-    await asyncio.sleep(0.6)
-    assert cb.received == []
-    sets, _more = await a.poll_ok({"returnImmediately": True})
-    assert list(sets) == [jti]
-    assert client.app[metrics_key].sets_push_refused_total == 1
-    assert client.app[metrics_key].sets_push_retries_total == 0
+    await _refused_and_pollable(a, cb, "r7")
 
 
 async def test_a_hanging_endpoint_holds_a_few_slots_and_other_tpps_are_still_pushed_to(

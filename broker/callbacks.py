@@ -10,7 +10,8 @@ So by default a callback may reach only global (public) unicast addresses:
   for a host name;
 - an IP literal is refused when the subscription is written (a clear 400), and again before
   each push (it may have been written while the guard was off); so is a legacy numeric form
-  ("127.1", "2130706433"), which aiohttp would refuse anyway;
+  ("127.1", "2130706433", "0x7f.1", "8.8.8.8."), which aiohttp refuses or resolves, an
+  address with a zone id, and a host yarl cannot read;
 - a host name is checked each time the push session resolves it, by the resolver that session
   connects with, so the address checked is the address connected to: no window between the
   check and the connection for a DNS answer to change in (DNS rebinding).
@@ -79,7 +80,7 @@ def connect_host(url: str) -> str:
     """The host aiohttp connects to for this URL (yarl's ASCII form of it), "" if none."""
     try:
         return yarl.URL(url).raw_host or ""
-    except (ValueError, TypeError):
+    except Exception:  # yarl raises more than ValueError on some malformed authorities
         return ""
 
 
@@ -87,10 +88,14 @@ def refusal(url: str) -> str | None:
     """Why no push may go to this URL, judged on its host alone; None for a public literal or
     a host name (a name is judged on what it resolves to, by PublicOnlyResolver)."""
     host = connect_host(url)
+    if not host:
+        return "no host aiohttp can read in it"
     ip = literal(host)
     if ip is not None:
+        if "%" in host:  # a zone id: only link-local addresses take one
+            return f"{host!r} names a network interface"
         return f"{ip} is not a public address" if forbidden(ip) else None
-    if _legacy_ipv4(host):
+    if _legacy_ipv4(host) or _legacy_ipv4(host.rstrip(".")):
         return f"{host!r} is not an IP address in canonical form"
     return None
 

@@ -21,8 +21,10 @@ single Redis Cluster slot):
     brk:{c:<client>}:sets:nacked HASH   jti -> {"set","err","description","at"} JSON; TTL'd
     brk:{c:<client>}:sub         HASH   the client's event subscription: id, version,
                                         callback, types (",Code,Code," or "*" for all)
-    brk:{push}:due               ZSET   "<client>\n<jti>" -> when its push falls due (ms), or
-                                        until when a worker's claim holds it (broker/push.py)
+    brk:{push}:tpps              ZSET   client -> when its earliest push falls due (ms): the
+                                        lowest score in its queue below (broker/push.py)
+    brk:{push}:q:<client>        ZSET   jti -> when its push falls due (ms), or until when a
+                                        worker's claim holds it
     brk:{push}:tries             HASH   "<client>\n<jti>" -> push attempts made
 
 The queue scripts build the per-queue key names from the tag they are given in KEYS, and
@@ -114,8 +116,13 @@ def subscription(tag: str) -> str:
     return base(tag) + ":sub"
 
 
-# Real-time push (broker/push.py): SETs due to be pushed, as "<client id>\n<jti>" scored by
-# the ms they fall due, and the attempts made for each. One hash tag: the claim script
-# touches the schedule alone.
-PUSH_DUE = "brk:{push}:due"
+# Real-time push (broker/push.py): per TPP, its SETs due to be pushed (jti scored by the ms
+# they fall due); the TPPs scored by their earliest due push, so that a claim walks TPPs, and
+# one TPP's backlog cannot hide the others' pushes behind it; the attempts made per SET. One
+# hash tag: the scripts name a TPP's queue after PUSH_TPPS (push_queue).
+PUSH_TPPS = "brk:{push}:tpps"
 PUSH_TRIES = "brk:{push}:tries"
+
+
+def push_queue(client_id: str) -> str:
+    return PUSH_TPPS.removesuffix(":tpps") + ":q:" + client_id

@@ -10,8 +10,8 @@ Why on top of the polling store, not instead of it: the SET is stored (and ackno
 the producer) before any push, and stays pollable until the push succeeds, which acks it.
 A push lost to a crash, a refused one (4xx) or one given up on leaves the SET where the TPP
 can still poll it ("the TPP may fall back to aggregated polling"). The schedule is in Redis
-(keyspace.PUSH_DUE), shared by every worker: a claim is a lease, so a worker that dies with
-pushes in hand only delays them.
+(keyspace.PUSH_TPPS and a queue per TPP), shared by every worker: a claim is a lease, so a
+worker that dies with pushes in hand only delays them.
 """
 
 from __future__ import annotations
@@ -38,7 +38,6 @@ log = logging.getLogger(__name__)
 
 _CLAIM = 32  # pushes one worker has in flight at most
 _PER_TPP = 4  # of which to one TPP at most (push_claim.lua): a hanging endpoint holds 4 slots
-_SCAN = 1000  # due members one claim looks at, at most, for those of TPPs below their cap
 # Statuses below 500 that still mean "try again later": a time-out, too many requests.
 _RETRIED = frozenset({408, 429})
 
@@ -63,6 +62,7 @@ class Pusher:
         self.settings = settings
         self.metrics = metrics
         self._claim = redis.register_script(keyspace.lua("push_claim"))
+        self._set = redis.register_script(keyspace.lua("push_set"))
         self._wake = asyncio.Event()
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
@@ -74,9 +74,13 @@ class Pusher:
         """Make these SETs due for a push now (the client's subscription has a callback)."""
         if not jtis or not self.settings.enabled:
             return
-        now = _now_ms()
-        await self.redis.zadd(keyspace.PUSH_DUE, {f"{client_id}\n{j}": now for j in jtis})
+        await self._schedule(client_id, _now_ms(), jtis)
         self._wake.set()
+
+    async def _schedule(self, client_id: str, at_ms: int | str, jtis: Sequence[str]) -> None:
+        """Due at `at_ms`, or off the schedule with their attempt counts if it is ""."""
+        keys = [keyspace.PUSH_TPPS, keyspace.push_queue(client_id), keyspace.PUSH_TRIES]
+        await self._set(keys=keys, args=[client_id, at_ms, *jtis])
 
     def start(self) -> None:
         if self.settings.enabled:
@@ -87,16 +91,18 @@ class Pusher:
             self._task = asyncio.create_task(self._run(), name="broker-push")
 
     async def gauges(self) -> dict[str, float]:
-        """The schedule as every worker sees it (it is shared): SETs waiting for a push (due,
-        in flight, or waiting out a backoff), those due and not yet taken, and how long the
-        oldest of those has waited past its time: a backlog an operator can alert on. Empty if
-        Redis does not answer: a scrape is not failed for it."""
+        """The schedule as every worker sees it (it is shared): TPPs with pushes scheduled
+        (due, in flight, or waiting out a backoff), those with a push due and not yet taken,
+        and how long the oldest due push has waited past its time: a backlog an operator can
+        alert on. Empty if Redis does not answer: a scrape is not failed for it."""
+        if not self.settings.enabled:
+            return {}
         now = _now_ms()
         try:
             pipe = self.redis.pipeline(transaction=False)
-            pipe.zcard(keyspace.PUSH_DUE)
-            pipe.zcount(keyspace.PUSH_DUE, "-inf", now)
-            pipe.zrange(keyspace.PUSH_DUE, 0, 0, withscores=True)
+            pipe.zcard(keyspace.PUSH_TPPS)
+            pipe.zcount(keyspace.PUSH_TPPS, "-inf", now)
+            pipe.zrange(keyspace.PUSH_TPPS, 0, 0, withscores=True)
             async with asyncio.timeout(2):
                 scheduled, due, first = await pipe.execute()
         except Exception as e:
@@ -104,8 +110,8 @@ class Pusher:
             return {}
         oldest = max(0.0, (now - first[0][1]) / 1000) if first and due else 0.0
         return {
-            "push_scheduled": int(scheduled),
-            "push_due": int(due),
+            "push_tpps_scheduled": int(scheduled),
+            "push_tpps_due": int(due),
             "push_oldest_due_seconds": round(oldest, 3),
         }
 
@@ -152,15 +158,15 @@ class Pusher:
                 members: list[bytes | str] = []
                 room = _CLAIM - len(inflight)
                 if room > 0:
-                    args: list[str | int] = [_now_ms(), self._lease_ms, room, _PER_TPP, _SCAN]
-                    for client_id, n in busy.items():
-                        args += [client_id, n]
+                    args: list[str | int] = [_now_ms(), self._lease_ms, room, _PER_TPP]
+                    for tpp, n in busy.items():
+                        args += [tpp, n]
                     try:
-                        members = await self._claim(keys=[keyspace.PUSH_DUE], args=args)
+                        members = await self._claim(keys=[keyspace.PUSH_TPPS], args=args)
                     except Exception as e:  # Redis away: try again at the next turn
                         log.warning("push: claiming due pushes failed: %s", e)
-                for m in members:
-                    start(_text(m))
+                for tpp_id, jti in zip(members[::2], members[1::2], strict=True):
+                    start(f"{_text(tpp_id)}\n{_text(jti)}")
                 if members and len(inflight) < _CLAIM and not self._stopping:
                     continue  # there may be more due
                 waits: set[asyncio.Future[Any]] = {asyncio.ensure_future(self._wake.wait())}
@@ -270,14 +276,12 @@ class Pusher:
             await self._done(member)
             return
         wait_s = min(self.settings.backoff_s * 2 ** min(tries - 1, 30), self.settings.max_backoff_s)
-        await self.redis.zadd(keyspace.PUSH_DUE, {member: _now_ms() + int(wait_s * 1000)})
+        await self._schedule(client_id, _now_ms() + int(wait_s * 1000), [jti])
         self.metrics.sets_push_retries_total += 1
 
     async def _done(self, member: str) -> None:
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.zrem(keyspace.PUSH_DUE, member)
-        pipe.hdel(keyspace.PUSH_TRIES, member)
-        await pipe.execute()
+        client_id, _, jti = member.rpartition("\n")
+        await self._schedule(client_id, "", [jti])
 
 
 def _now_ms() -> int:

@@ -60,11 +60,15 @@ async def _refused_and_pollable(tpp: TPP, cb: Callback, rid: str) -> None:
     """A SET published for a callback the broker must refuse: nothing reaches the callback,
     the refusal is counted once and not retried, and the SET stays pollable."""
     (jti,) = await tpp.publish(resource_update(rid))
-    await asyncio.sleep(0.6)
+    metrics = tpp.client.app[metrics_key]
+    deadline = time.monotonic() + 10
+    while metrics.sets_push_refused_total < 1:
+        assert time.monotonic() < deadline, "the push was never refused"
+        await asyncio.sleep(0.02)
+    await asyncio.sleep(0.3)  # time for a retry, which must not come
     assert cb.received == []
     sets, _more = await tpp.poll_ok({"returnImmediately": True})
     assert list(sets) == [jti]
-    metrics = tpp.client.app[metrics_key]
     assert metrics.sets_push_refused_total == 1
     assert metrics.sets_push_retries_total == 0
 
@@ -206,67 +210,74 @@ async def test_a_host_name_that_resolves_to_loopback_is_refused_at_connect_time(
     await _refused_and_pollable(a, cb, "r7")
 
 
+async def _until(check: Any, what: str, timeout_s: float = 10) -> None:
+    """Wait until `check()` is true (polled), or fail naming `what`."""
+    deadline = time.monotonic() + timeout_s
+    while not await check():
+        assert time.monotonic() < deadline, f"not reached in {timeout_s} s: {what}"
+        await asyncio.sleep(0.02)
+
+
+class Hanging:
+    """A TPP endpoint that answers nothing until released, counting requests in flight."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.in_flight = 0
+        self.most = 0
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.in_flight += 1
+        self.most = max(self.most, self.in_flight)
+        try:
+            await self.release.wait()
+        finally:
+            self.in_flight -= 1
+        return web.Response(status=202)
+
+
+async def _serve(aiohttp_server: Any, handler: Any) -> str:
+    app = web.Application()
+    app.router.add_post("/open-banking/v3.1/event-notifications", handler)
+    server = await aiohttp_server(app, shutdown_timeout=1)
+    return str(server.make_url("/open-banking/v3.1/event-notifications"))
+
+
 async def test_a_hanging_endpoint_holds_a_few_slots_and_other_tpps_are_still_pushed_to(
     aiohttp_server, make_client, auth
 ):
-    # TPP A's endpoint never answers and has 40 SETs due: without a cap per TPP they would
-    # take all 32 of the worker's slots for push.timeout_s, and B's push would wait for them.
-    release = asyncio.Event()
-    in_flight = 0
-    most = 0
-
-    async def hang(request: web.Request) -> web.Response:
-        nonlocal in_flight, most
-        in_flight += 1
-        most = max(most, in_flight)
-        try:
-            await release.wait()
-        finally:
-            in_flight -= 1
-        return web.Response(status=202)
-
-    slow = web.Application()
-    slow.router.add_post("/open-banking/v3.1/event-notifications", hang)
-    slow_server = await aiohttp_server(slow, shutdown_timeout=1)
+    # TPP A's endpoint never answers and has 1,100 SETs due, published before B's one. A claim
+    # that looked at due SETs oldest first would find only A's ahead of B's; without a cap
+    # per TPP, A's would take all 32 of the worker's slots for push.timeout_s.
+    slow = Hanging()
     cb = Callback(202)
-    fast = web.Application()
-    fast.router.add_post("/open-banking/v3.1/event-notifications", cb.handle)
-    fast_server = await aiohttp_server(fast, shutdown_timeout=1)
-    client = await make_client(push={**PUSH, "timeout_s": 5})
+    client = await make_client(push={**PUSH, "timeout_s": 30})
     a, b = TPP(client, auth, "tpp-a"), TPP(client, auth, "tpp-b")
-    path = "/open-banking/v3.1/event-notifications"
-    await a.subscribe(CallbackUrl=str(slow_server.make_url(path)))
-    await b.subscribe(CallbackUrl=str(fast_server.make_url(path)))
-    await a.publish(*(resource_update(f"a{i}") for i in range(40)))
-    for _ in range(100):  # A's pushes have started and hang
-        if in_flight:
-            break
-        await asyncio.sleep(0.01)
-    await asyncio.sleep(0.3)
+    await a.subscribe(CallbackUrl=await _serve(aiohttp_server, slow.handle))
+    await b.subscribe(CallbackUrl=await _serve(aiohttp_server, cb.handle))
+    for k in range(11):
+        await a.publish(*(resource_update(f"a{k}.{i}") for i in range(100)))
+
+    async def a_holds_four() -> bool:
+        return slow.in_flight == 4
+
+    await _until(a_holds_four, "A's pushes started")
     t0 = time.monotonic()
-    (jti,) = await b.publish(resource_update("b1"))
+    await b.publish(resource_update("b1"))
     await cb.until(1)
-    assert time.monotonic() - t0 < 2  # not after A's 5 s time-outs
-    assert most == in_flight == 4  # A holds 4 of the worker's slots, no more
-    release.set()
+    assert time.monotonic() - t0 < 10  # not after A's 30 s time-outs
+    assert slow.most == slow.in_flight == 4  # A holds 4 of the worker's slots, no more
+    slow.release.set()
     assert await _pending_after_ack(b) == {}
-    sets, _more = await b.poll_ok({"returnImmediately": True})
-    assert jti not in sets
 
 
 async def test_metrics_show_the_push_backlog(aiohttp_server, make_client, auth):
-    release = asyncio.Event()
-
-    async def hang(request: web.Request) -> web.Response:
-        await release.wait()
-        return web.Response(status=202)
-
-    app = web.Application()
-    app.router.add_post("/open-banking/v3.1/event-notifications", hang)
-    server = await aiohttp_server(app, shutdown_timeout=1)
-    client = await make_client(push={**PUSH, "timeout_s": 5})
-    a = TPP(client, auth, "tpp-a")
-    await a.subscribe(CallbackUrl=str(server.make_url("/open-banking/v3.1/event-notifications")))
+    slow = Hanging()
+    cb = Callback(202)
+    client = await make_client(push={**PUSH, "timeout_s": 30})
+    a, b = TPP(client, auth, "tpp-a"), TPP(client, auth, "tpp-b")
+    await a.subscribe(CallbackUrl=await _serve(aiohttp_server, slow.handle))
+    await b.subscribe(CallbackUrl=await _serve(aiohttp_server, cb.handle))
 
     async def gauges() -> dict[str, float]:
         text = await (await client.get("/metrics")).text()
@@ -276,27 +287,30 @@ async def test_metrics_show_the_push_backlog(aiohttp_server, make_client, auth):
             if name.startswith("broker_push_")
         }
 
-    assert await gauges() == {
-        "broker_push_scheduled": 0,
-        "broker_push_due": 0,
+    nothing = {
+        "broker_push_tpps_scheduled": 0,
+        "broker_push_tpps_due": 0,
         "broker_push_oldest_due_seconds": 0,
     }
+    assert await gauges() == nothing
     await a.publish(*(resource_update(f"m{i}") for i in range(6)))
-    await asyncio.sleep(0.5)
-    # Four in flight to the hanging endpoint (leased), two due and waiting for a slot.
-    g = await gauges()
-    assert g["broker_push_scheduled"] == 6 and g["broker_push_due"] == 2
-    assert 0.4 <= g["broker_push_oldest_due_seconds"] < 5
-    release.set()
-    for _ in range(100):
-        if (await gauges())["broker_push_scheduled"] == 0:
-            break
-        await asyncio.sleep(0.05)
-    assert await gauges() == {
-        "broker_push_scheduled": 0,
-        "broker_push_due": 0,
-        "broker_push_oldest_due_seconds": 0,
-    }
+    await b.publish(resource_update("b1"))
+    await cb.until(1)
+
+    async def a_waits() -> bool:
+        g = await gauges()
+        # A: four in flight to its hanging endpoint, two due and waiting for a slot; B done.
+        return g["broker_push_tpps_scheduled"] == 1 and g["broker_push_tpps_due"] == 1
+
+    await _until(a_waits, "A's two SETs waiting")
+    await asyncio.sleep(0.3)
+    assert 0.3 <= (await gauges())["broker_push_oldest_due_seconds"] < 30
+    slow.release.set()
+
+    async def drained() -> bool:
+        return await gauges() == nothing
+
+    await _until(drained, "the schedule empty once A's endpoint answers")
 
 
 async def test_a_subscription_without_callback_is_never_pushed_for(make_client, auth):

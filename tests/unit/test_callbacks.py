@@ -71,6 +71,9 @@ def test_names_and_legacy_forms_are_not_literals(host: str) -> None:
         ("https://127.1/x", "not an IP address in canonical form"),
         ("https://2130706433/x", "not an IP address in canonical form"),
         ("https://0x7f.1/x", "not an IP address in canonical form"),
+        ("https://8.8.8.8./x", "not an IP address in canonical form"),
+        ("https://[2606:2800:21f:cb07:6820:80da:af6b:8b2c%25eth0]/x", "names a network interface"),
+        ("https://x[1]@/v3.1/event-notifications", "no host aiohttp can read"),
     ],
 )
 def test_a_callback_is_judged_on_the_host_aiohttp_connects_to(url: str, refused: str | None):

@@ -29,9 +29,11 @@ single Redis Cluster slot):
 
 The queue scripts build the per-queue key names from the tag they are given in KEYS, and
 sets_poll.lua the names of a client's SET keys from its `sets` key (one argument to encode
-per poll instead of five); those names carry the same hash tag, so they always live in the
-slot of the declared keys. The suffixes are spelled here and in those scripts: the tests
-read the keys by the functions below after the scripts wrote them.
+per poll instead of five), and push_claim.lua each TPP's queue from the TPPs zset (the
+names come from its members, so they cannot be declared beforehand); those names carry the
+same hash tag, so they always live in the slot of the declared keys. The suffixes are
+spelled here and in those scripts: the tests read the keys by the functions below after the
+scripts wrote them.
 """
 
 from __future__ import annotations

@@ -166,7 +166,11 @@ class Pusher:
                     except Exception as e:  # Redis away: try again at the next turn
                         log.warning("push: claiming due pushes failed: %s", e)
                 for tpp_id, jti in zip(members[::2], members[1::2], strict=True):
-                    start(f"{_text(tpp_id)}\n{_text(jti)}")
+                    if self._stopping:  # claimed as shutdown began: due again now, not
+                        with contextlib.suppress(Exception):  # after the lease
+                            await self._schedule(_text(tpp_id), _now_ms(), [_text(jti)])
+                    else:
+                        start(f"{_text(tpp_id)}\n{_text(jti)}")
                 if members and len(inflight) < _CLAIM and not self._stopping:
                     continue  # there may be more due
                 waits: set[asyncio.Future[Any]] = {asyncio.ensure_future(self._wake.wait())}

@@ -77,10 +77,13 @@ class Pusher:
         await self._schedule(client_id, _now_ms(), jtis)
         self._wake.set()
 
-    async def _schedule(self, client_id: str, at_ms: int | str, jtis: Sequence[str]) -> None:
-        """Due at `at_ms`, or off the schedule with their attempt counts if it is ""."""
+    async def _schedule(
+        self, client_id: str, at_ms: int | str, jtis: Sequence[str], *, held_until: int | str = ""
+    ) -> None:
+        """Due at `at_ms`, or off the schedule with their attempt counts if it is "".
+        With `held_until`, only while the claim that ends then still holds them."""
         keys = [keyspace.PUSH_TPPS, keyspace.push_queue(client_id), keyspace.PUSH_TRIES]
-        await self._set(keys=keys, args=[client_id, at_ms, *jtis])
+        await self._set(keys=keys, args=[client_id, at_ms, held_until, *jtis])
 
     def start(self) -> None:
         if self.settings.enabled:
@@ -139,10 +142,10 @@ class Pusher:
         inflight: set[asyncio.Task[None]] = set()
         busy: collections.Counter[str] = collections.Counter()  # pushes in flight per TPP
 
-        def start(member: str) -> None:
+        def start(member: str, lease_end: int) -> None:
             client_id = member.rpartition("\n")[0]
             busy[client_id] += 1
-            task = asyncio.create_task(self._push(member))
+            task = asyncio.create_task(self._push(member, lease_end))
             inflight.add(task)
 
             def ended(_t: asyncio.Task[None]) -> None:
@@ -158,7 +161,8 @@ class Pusher:
                 members: list[bytes | str] = []
                 room = _CLAIM - len(inflight)
                 if room > 0:
-                    args: list[str | int] = [_now_ms(), self._lease_ms, room, _PER_TPP]
+                    claimed_at = _now_ms()
+                    args: list[str | int] = [claimed_at, self._lease_ms, room, _PER_TPP]
                     for tpp, n in busy.items():
                         args += [tpp, n]
                     try:
@@ -170,7 +174,7 @@ class Pusher:
                         with contextlib.suppress(Exception):  # after the lease
                             await self._schedule(_text(tpp_id), _now_ms(), [_text(jti)])
                     else:
-                        start(f"{_text(tpp_id)}\n{_text(jti)}")
+                        start(f"{_text(tpp_id)}\n{_text(jti)}", claimed_at + self._lease_ms)
                 if members and len(inflight) < _CLAIM and not self._stopping:
                     continue  # there may be more due
                 waits: set[asyncio.Future[Any]] = {asyncio.ensure_future(self._wake.wait())}
@@ -191,8 +195,9 @@ class Pusher:
                 t.cancel()
             await asyncio.gather(*inflight, return_exceptions=True)
 
-    async def _push(self, member: str) -> None:
-        """One attempt; never raises (a failure leaves the lease to expire: tried again)."""
+    async def _push(self, member: str, lease_end: int) -> None:
+        """One attempt, under a claim held until `lease_end`; never raises (a failure leaves
+        the lease to expire: tried again)."""
         client_id, _, jti = member.rpartition("\n")
         try:
             sub = await self.subscriptions.get(client_id)
@@ -226,14 +231,14 @@ class Pusher:
                 self.metrics.sets_push_refused_total += 1
                 await self._done(member)
             else:
-                await self._retry_later(member, client_id, jti, status)
+                await self._retry_later(member, client_id, jti, status, lease_end)
         except asyncio.CancelledError:
             raise
         except Exception:
             log.exception("push: SET %s of %s", jti, client_id)
             # Counted as an attempt, so that a fault that persists ends at max_attempts.
             with contextlib.suppress(Exception):
-                await self._retry_later(member, client_id, jti, None)
+                await self._retry_later(member, client_id, jti, None, lease_end)
 
     async def _post(self, url: str, jws: bytes | str) -> int | str | None:
         """The callback's status; None if it gave none (time-out, no connection); or why no
@@ -265,7 +270,9 @@ class Pusher:
         except (aiohttp.ClientError, TimeoutError):
             return None
 
-    async def _retry_later(self, member: str, client_id: str, jti: str, status: int | None) -> None:
+    async def _retry_later(
+        self, member: str, client_id: str, jti: str, status: int | None, lease_end: int
+    ) -> None:
         tries = int(await self.redis.hincrby(keyspace.PUSH_TRIES, member, 1))
         if tries >= self.settings.max_attempts:
             log.warning(
@@ -280,7 +287,10 @@ class Pusher:
             await self._done(member)
             return
         wait_s = min(self.settings.backoff_s * 2 ** min(tries - 1, 30), self.settings.max_backoff_s)
-        await self._schedule(client_id, _now_ms() + int(wait_s * 1000), [jti])
+        # Only while this claim still holds it: once the lease is over another worker may have
+        # claimed it, and moving it now would let a third push it again beside that one.
+        at = _now_ms() + int(wait_s * 1000)
+        await self._schedule(client_id, at, [jti], held_until=lease_end)
         self.metrics.sets_push_retries_total += 1
 
     async def _done(self, member: str) -> None:

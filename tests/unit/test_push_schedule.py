@@ -25,9 +25,9 @@ class Schedule:
         self.claim_script = redis.register_script(keyspace.lua("push_claim"))
         self.set_script = redis.register_script(keyspace.lua("push_set"))
 
-    async def put(self, client: str, at: int | str, *jtis: str) -> None:
+    async def put(self, client: str, at: int | str, *jtis: str, held: int | str = "") -> None:
         keys = [keyspace.PUSH_TPPS, keyspace.push_queue(client), keyspace.PUSH_TRIES]
-        await self.set_script(keys=keys, args=[client, at, *jtis])
+        await self.set_script(keys=keys, args=[client, at, held, *jtis])
 
     async def claim(self, now: int, lease_ms: int, room: int, cap: int = 4, **busy: int):
         args: list[str | int] = [now, lease_ms, room, cap]
@@ -67,6 +67,20 @@ async def test_a_lease_holds_a_claimed_push_and_it_is_claimed_again_once_over(re
     assert await redis.zcard(keyspace.PUSH_TPPS) == 0
 
 
+async def test_a_retry_moves_a_set_only_while_its_claim_still_holds_it(redis):
+    s = Schedule(redis)
+    now = int(time.time() * 1000)
+    await s.put("tpp-a", now, "j1")
+    assert await s.claim(now, 100, room=1) == [("tpp-a", "j1")]  # worker 1, held until now+100
+    # Its attempt outlived the lease; worker 2 took the SET over.
+    assert await s.claim(now + 150, 100, room=1) == [("tpp-a", "j1")]
+    await s.put("tpp-a", now + 5000, "j1", held=now + 100)  # worker 1's retry: ignored
+    assert await redis.zscore(keyspace.push_queue("tpp-a"), "j1") == now + 250
+    await s.put("tpp-a", now + 5000, "j1", held=now + 250)  # worker 2's retry: moves it
+    assert await redis.zscore(keyspace.push_queue("tpp-a"), "j1") == now + 5000
+    await s.check_invariant()
+
+
 async def test_tpps_at_their_cap_are_passed_over_however_many(redis):
     # Seven TPPs at their cap, each with due SETs older than B's: a claim with room for 4
     # looks past all seven (room + those at the cap) and finds B.
@@ -99,7 +113,9 @@ async def test_the_invariant_holds_under_a_random_mix_of_steps(redis):
         client = rng.choice(clients)
         jtis = [f"j{rng.randrange(20)}" for _ in range(rng.randrange(1, 4))]
         op = rng.random()
-        if op < 0.4:
+        if op < 0.1:
+            await s.put(client, now + rng.randrange(-50, 50), *jtis, held=now + step - 100)
+        elif op < 0.4:
             await s.put(client, now + rng.randrange(-50, 50), *jtis)
         elif op < 0.6:
             await s.put(client, "", *jtis)

@@ -32,7 +32,6 @@ from broker import callbacks, ids, keyspace
 from broker.config import PushSettings
 from broker.metrics import Metrics
 from broker.sets import SetStore
-from broker.subscriptions import SubscriptionStore
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +46,6 @@ class Pusher:
         self,
         redis: Redis,
         sets: SetStore,
-        subscriptions: SubscriptionStore,
         settings: PushSettings,
         metrics: Metrics,
         *,
@@ -58,7 +56,6 @@ class Pusher:
         # it, each of which may wait for a pooled connection and then for its reply.
         self._lease_ms = int((settings.timeout_s + 3 * 2 * redis_timeout_s + 5) * 1000)
         self.sets = sets
-        self.subscriptions = subscriptions
         self.settings = settings
         self.metrics = metrics
         self._claim = redis.register_script(keyspace.lua("push_claim"))
@@ -200,9 +197,13 @@ class Pusher:
         the lease to expire: tried again)."""
         client_id, _, jti = member.rpartition("\n")
         try:
-            sub = await self.subscriptions.get(client_id)
-            url = sub.callback_url if sub is not None else None
-            jws = await self.redis.hget(keyspace.sets_jws(keyspace.client_tag(client_id)), jti)
+            # The callback and the SET in one round trip (the same hash slot).
+            tag = keyspace.client_tag(client_id)
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.hget(keyspace.subscription(tag), "callback")
+            pipe.hget(keyspace.sets_jws(tag), jti)
+            callback, jws = await pipe.execute()
+            url = _text(callback) if callback is not None else None
             if not url or jws is None:  # the subscription lost its callback, or the SET is gone
                 await self._done(member)
                 return

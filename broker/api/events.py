@@ -57,7 +57,6 @@ async def ob_ctx(app: web.Application) -> AsyncIterator[None]:
     pusher = Pusher(
         redis,
         app[sets_key],
-        app[subscriptions_key],
         settings.push,
         app[metrics_key],
         redis_timeout_s=settings.redis.socket_timeout_s,

@@ -333,6 +333,27 @@ async def test_a_subscription_without_callback_is_never_pushed_for(make_client, 
     assert scheduled == [("tpp-b", [jtb])]
 
 
+async def test_a_push_due_for_a_subscription_that_lost_its_callback_is_dropped(make_client, auth):
+    # Scheduled while the subscription had a callback, pushed after it was removed: nothing
+    # is sent, the push leaves the schedule, and the SET stays pollable.
+    client = await make_client(push=PUSH)
+    a = TPP(client, auth, "tpp-a")
+    await a.subscribe()  # no callback
+    (jti,) = await a.publish(resource_update("r9"))
+    pusher = client.app[pusher_key]
+    await pusher.schedule("tpp-a", [jti])
+
+    async def left() -> bool:
+        return bool((await pusher.gauges())["push_tpps_scheduled"] == 0)
+
+    await _until(left, "the push off the schedule")
+    metrics = client.app[metrics_key]
+    assert metrics.sets_pushed_total == metrics.sets_push_retries_total == 0
+    assert metrics.sets_push_refused_total == 0
+    sets, _more = await a.poll_ok({"returnImmediately": True})
+    assert list(sets) == [jti]
+
+
 async def test_a_429_is_retried(aiohttp_server, make_client, auth):
     cb = Callback(429, 202)
     client, a = await _setup(make_client, aiohttp_server, auth, cb)

@@ -56,15 +56,35 @@ async def _pending_after_ack(a: TPP) -> dict[str, str]:
     return sets
 
 
+async def _until(check: Any, what: str, timeout_s: float = 10) -> None:
+    """Wait until `check()` is true (polled), or fail naming `what`."""
+    deadline = time.monotonic() + timeout_s
+    while not await check():
+        assert time.monotonic() < deadline, f"not reached in {timeout_s} s: {what}"
+        await asyncio.sleep(0.02)
+
+
+async def _attempts_then_pollable(tpp: TPP, cb: Callback, rid: str, attempts: int) -> None:
+    """A SET whose pushes stop after `attempts` (given up on, or refused by the TPP): no
+    attempt after those, and the SET stays pollable."""
+    (jti,) = await tpp.publish(resource_update(rid))
+    await cb.until(attempts)
+    await asyncio.sleep(0.6)
+    assert len(cb.received) == attempts
+    sets, _more = await tpp.poll_ok({"returnImmediately": True})
+    assert list(sets) == [jti]
+
+
 async def _refused_and_pollable(tpp: TPP, cb: Callback, rid: str) -> None:
     """A SET published for a callback the broker must refuse: nothing reaches the callback,
     the refusal is counted once and not retried, and the SET stays pollable."""
     (jti,) = await tpp.publish(resource_update(rid))
     metrics = tpp.client.app[metrics_key]
-    deadline = time.monotonic() + 10
-    while metrics.sets_push_refused_total < 1:
-        assert time.monotonic() < deadline, "the push was never refused"
-        await asyncio.sleep(0.02)
+
+    async def refused() -> bool:
+        return bool(metrics.sets_push_refused_total >= 1)
+
+    await _until(refused, "the push refused")
     await asyncio.sleep(0.3)  # time for a retry, which must not come
     assert cb.received == []
     sets, _more = await tpp.poll_ok({"returnImmediately": True})
@@ -123,12 +143,7 @@ async def test_59_a_callback_that_stays_down_is_given_up_and_the_set_stays_polla
 ):
     cb = Callback(503)
     client, a = await _setup(make_client, aiohttp_server, auth, cb, backoff_s=0.05)
-    (jti,) = await a.publish(resource_update("r3"))
-    await cb.until(3)
-    await asyncio.sleep(0.6)
-    assert len(cb.received) == 3  # push.max_attempts, then no more
-    sets, _more = await a.poll_ok({"returnImmediately": True})
-    assert list(sets) == [jti]
+    await _attempts_then_pollable(a, cb, "r3", 3)  # push.max_attempts, then no more
     assert client.app[metrics_key].sets_push_abandoned_total == 1
 
 
@@ -137,12 +152,7 @@ async def test_59_a_4xx_is_not_retried_and_the_set_stays_pollable(
 ):
     cb = Callback(400)
     client, a = await _setup(make_client, aiohttp_server, auth, cb)
-    (jti,) = await a.publish(resource_update("r4"))
-    await cb.until(1)
-    await asyncio.sleep(0.6)
-    assert len(cb.received) == 1
-    sets, _more = await a.poll_ok({"returnImmediately": True})
-    assert list(sets) == [jti]
+    await _attempts_then_pollable(a, cb, "r4", 1)
     assert client.app[metrics_key].sets_push_refused_total == 1
 
 
@@ -208,14 +218,6 @@ async def test_a_host_name_that_resolves_to_loopback_is_refused_at_connect_time(
         CallbackUrl=f"http://localhost:{server.port}/open-banking/v3.1/event-notifications"
     )
     await _refused_and_pollable(a, cb, "r7")
-
-
-async def _until(check: Any, what: str, timeout_s: float = 10) -> None:
-    """Wait until `check()` is true (polled), or fail naming `what`."""
-    deadline = time.monotonic() + timeout_s
-    while not await check():
-        assert time.monotonic() < deadline, f"not reached in {timeout_s} s: {what}"
-        await asyncio.sleep(0.02)
 
 
 class Hanging:
